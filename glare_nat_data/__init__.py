@@ -1,0 +1,10 @@
+"""glare-nat datasets, registered in BasicSR's DATASET_REGISTRY (import every ``*_dataset.py``)."""
+
+from glare_nat_arch import compat  # noqa: F401  (must run before basicsr is imported)
+
+import importlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_here = Path(__file__).resolve().parent
+for _f in sorted(_here.glob("*_dataset.py")):
+    importlib.import_module(f"glare_nat_data.{_f.stem}")
