@@ -15,15 +15,31 @@ Shims (see ``design/basicsr.md`` §4 and the README section "Compatibility shims
 4. ``basicsr.train.load_resume_state`` maps storages to CUDA and searches the cwd; replaced by a
    CPU-safe version that uses ``opt['path']['training_states']``.
 5. ``--opt`` on the command line is rewritten to the stock ``-opt``.
+6. Exact resume: the stock loop restarts the saved epoch from its first batch, so a run resumed from a
+   mid-epoch (or end-of-epoch) checkpoint sees different data than an uninterrupted run.
+   ``basicsr.train.create_train_val_dataloader`` is wrapped so that, on resume, the epoch is recomputed
+   from the iteration and the batches the interrupted run already consumed in that epoch are skipped;
+   random-number-generator states saved in the training state (``rng_states``, written by glare-nat
+   models) are restored right before the first resumed batch is drawn.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 import types
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["apply_import_shims", "patch_basicsr", "normalise_argv"]
+__all__ = [
+    "apply_import_shims",
+    "patch_basicsr",
+    "normalise_argv",
+    "load_resume_state",
+    "capture_rng_states",
+    "restore_rng_states",
+]
 
 _FUNCTIONAL_TENSOR = "torchvision.transforms.functional_tensor"
 
@@ -118,7 +134,101 @@ def load_resume_state(opt: dict):
     else:
         resume_state = torch.load(resume_state_path, map_location="cpu", weights_only=False)
     check_resume(opt, resume_state["iter"])
+    global _RESUME_STATE
+    _RESUME_STATE = resume_state
     return resume_state
+
+
+_RESUME_STATE: dict | None = None  # the state returned by load_resume_state, for the dataloader wrapper
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Snapshot of every global RNG a training step may draw from (python, numpy, torch CPU and CUDA)."""
+    import numpy as np
+    import torch
+
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002  (BasicSR draws from the legacy global RNG)
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_states` (missing entries are left alone)."""
+    import numpy as np
+    import torch
+
+    if "python" in states:
+        random.setstate(_as_python_state(states["python"]))
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])  # noqa: NPY002
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_python_state(state: Any) -> tuple:
+    """``random.setstate`` needs tuples; a state that went through a checkpoint may come back with lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+class _ResumeSampler:
+    """Wraps the train sampler for the first resumed epoch: skips consumed indices, restores RNG states.
+
+    Delegates ``set_epoch``/``len`` to the wrapped sampler, so the stock loop is unaware of it. The skip and
+    the RNG restore happen once, when the first resumed batch is requested (after the DataLoader iterator
+    drew its own base seed), so the RNG streams continue exactly where the interrupted run left them.
+    """
+
+    def __init__(self, sampler: Any, skip: int, rng_states: dict | None) -> None:
+        self.sampler = sampler
+        self.skip = skip
+        self.rng_states = rng_states
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.sampler)
+        if self.rng_states is not None:
+            restore_rng_states(self.rng_states)
+            self.rng_states = None
+        for _ in range(self.skip):
+            next(it, None)
+        self.skip = 0
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+
+def _wrap_create_train_val_dataloader(original):
+    def create_train_val_dataloader(opt, logger):
+        result = original(opt, logger)
+        train_loader = result[0]
+        state = _RESUME_STATE
+        if state is None or train_loader is None or getattr(train_loader, "batch_sampler", None) is None:
+            return result
+        iters_per_epoch = len(train_loader)
+        done = int(state["iter"])
+        state["epoch"] = done // iters_per_epoch  # the epoch in which iteration done + 1 falls
+        consumed = (done % iters_per_epoch) * train_loader.batch_sampler.batch_size
+        batch_sampler = train_loader.batch_sampler
+        batch_sampler.sampler = _ResumeSampler(batch_sampler.sampler, consumed, state.get("rng_states"))
+        logger.info(
+            f"glare-nat exact resume: iteration {done} -> epoch {state['epoch']}, skipping {consumed} samples "
+            f"already seen in that epoch; RNG states {'restored' if state.get('rng_states') else 'not saved'}."
+        )
+        return result
+
+    create_train_val_dataloader.__wrapped__ = original  # type: ignore[attr-defined]
+    return create_train_val_dataloader
 
 
 def patch_basicsr() -> None:
@@ -126,6 +236,9 @@ def patch_basicsr() -> None:
     import basicsr.train
 
     basicsr.train.load_resume_state = load_resume_state
+    current = basicsr.train.create_train_val_dataloader
+    if not hasattr(current, "__wrapped__"):
+        basicsr.train.create_train_val_dataloader = _wrap_create_train_val_dataloader(current)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
