@@ -1,0 +1,573 @@
+"""NAT (MaskGIT-style non-autoregressive transformer) refiners for GLARE (design/nat.md §3, §4).
+
+* :class:`LatentNAT` (NAT-II): refines the flow output's nearest codes at uncertain positions by
+  entropy-masked iterative parallel decoding (Algorithm B, §3.6) and feeds the result back (§3.7).
+* :class:`DecoderNAT` (NAT-III): a zero-initialised, mask-aware feature transformer on a decoder feature
+  map (§4); the identity at initialisation.
+
+Both are ordinary BasicSR archs: tensors in, tensors out; the codebook is passed in as a ``K x C`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import Tensor, nn
+
+from glare_nat_arch.nat_uncertainty import (
+    CodeUncertainty,
+    calibrate_dist_temp,
+    calibrate_tau,
+    code_uncertainty,
+    gumbel_noise,
+    initial_mask,
+    mask_schedule,
+    normalized_entropy,
+    quantile,
+    sample_train_mask,
+    still_masked_counts,
+    topk_mask,
+)
+from glare_nat_arch.transformer import TransformerStack, init_transformer_weights, sincos_pos_embed_2d
+
+__all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss"]
+
+_CONF_RULES = ("logp", "neg_entropy", "margin")
+
+
+def masked_ce_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.1) -> Tensor:
+    """Label-smoothed cross-entropy averaged over masked positions only (nat.md §1.3, §3.8.5).
+
+    Args:
+        logits: ``N_q x K`` logits at the masked positions (as returned by :meth:`LatentNAT.logits`), or,
+            when ``mask`` is given, dense ``B x h x w x K`` (or ``B x N x K``) logits.
+        targets: ``N_q`` target codes, or dense ``B x h x w`` (``B x N``) when ``mask`` is given.
+        mask: optional bool ``B x h x w`` (``B x N``); only its True positions contribute.
+        label_smoothing: ``eps``; the target is ``(1 - eps) onehot + eps / K``.
+
+    Returns:
+        Scalar loss (0, still attached to ``logits``, when nothing is masked).
+    """
+    if mask is not None:
+        if mask.shape != targets.shape or logits.shape[:-1] != mask.shape:
+            raise ValueError(
+                f"masked_ce_loss: logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and mask "
+                f"{tuple(mask.shape)} disagree"
+            )
+        logits, targets = logits[mask], targets[mask]
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"masked_ce_loss: need N x K logits and N targets, got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
+
+
+class MLMHead(nn.Module):
+    """``Linear -> GELU -> LN``, then logits ``g @ table.T + bias`` (table tied to the token embedding).
+
+    Input ``N_q x d`` hidden states and the ``K x d`` table; output ``N_q x K``.
+    """
+
+    def __init__(self, dim: int, num_codes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(dim)
+        self.bias = nn.Parameter(torch.zeros(num_codes))
+
+    def forward(self, hidden: Tensor, table: Tensor) -> Tensor:
+        return self.norm(self.act(self.fc(hidden))) @ table.t() + self.bias
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {tuple(allowed)}")
+    return value
+
+
+def _nan_or(value: float | None) -> Tensor:
+    return torch.tensor(float("nan") if value is None else float(value), dtype=torch.float64)
+
+
+@ARCH_REGISTRY.register()
+class LatentNAT(nn.Module):
+    """NAT-II: masked-token transformer over the f=4 code grid, run on a ``merge x merge``-merged grid.
+
+    Token ids are ``0..K-1`` (codes) and ``K`` (``[MASK]``). Per position the input is
+    ``LN(E_tok[V] + W_c [x_hat || color_map || cond || H])``; positions are merged by a ``merge``-strided
+    conv, a pre-LN transformer (2-D sin-cos + PEG) runs on the merged grid, a 1x1 conv + PixelShuffle
+    unmerges, and the tied MLM head gives logits over the ``K`` codes at query positions only.
+
+    Args:
+        codebook_size: ``K`` (8192 for GLARE).
+        dim, depth, heads, mlp_ratio, dropout: transformer size (defaults NAT-II-S, nat.md §3.5).
+        cond_channels: channels of the conditional encoder's ``cond_feat`` (64).
+        code_dim: code / latent channels (3).
+        merge: token-merge factor (2 default; 1 = native grid).
+        mask_hides_latent: zero the ``x_hat`` and ``H`` conditioning slots at ``[MASK]`` positions.
+        iters: decoding rounds ``T``; schedule: ``gamma`` name or ratios (see ``mask_schedule``).
+        conf: confidence rule ``logp`` | ``neg_entropy`` | ``margin``.
+        sample_temp: 0 = argmax, else sample ``softmax(logits / sample_temp)``.
+        choice_temp: Gumbel temperature ``tau_c`` on the confidence, annealed ``tau_c (1 - t/T)``.
+        remask_scope: ``new_only`` (committed tokens are final) | ``all`` (any token may be re-masked).
+        remask_rule: only ``schedule`` is implemented.
+        early_stop: run rounds ``t <= early_stop`` only, committing every still-masked token at the last.
+        knn: nearest codes kept for the flow distribution; dist_temp: ``T_d`` (None until calibrated).
+        tau: entropy threshold of the initial mask (None = 'auto', set by :meth:`calibrate`).
+        rho_max: cap on the initially masked fraction.
+        feedback: ``hard`` (``C[v^T]``) | ``soft`` (expected code under the committing distribution).
+        chunk: positions per distance block in the codebook search.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int = 384,
+        depth: int = 6,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        cond_channels: int = 64,
+        code_dim: int = 3,
+        merge: int = 2,
+        mask_hides_latent: bool = False,
+        iters: int = 4,
+        schedule: str | Sequence[float] = "cosine",
+        conf: str = "logp",
+        sample_temp: float = 0.0,
+        choice_temp: float = 0.0,
+        remask_scope: str = "new_only",
+        remask_rule: str = "schedule",
+        early_stop: int | None = None,
+        knn: int = 64,
+        dist_temp: float | None = None,
+        tau: float | None = None,
+        rho_max: float = 0.5,
+        feedback: str = "hard",
+        chunk: int = 2048,
+    ) -> None:
+        super().__init__()
+        if codebook_size < 2:
+            raise ValueError(f"LatentNAT: codebook_size must be >= 2, got {codebook_size}")
+        if merge < 1:
+            raise ValueError(f"LatentNAT: merge must be >= 1, got {merge}")
+        if early_stop is not None and not 1 <= early_stop <= iters:
+            raise ValueError(f"LatentNAT: early_stop must be None or in [1, iters={iters}], got {early_stop}")
+        if sample_temp < 0 or choice_temp < 0:
+            raise ValueError(
+                f"LatentNAT: temperatures must be >= 0, got sample_temp={sample_temp}, choice_temp={choice_temp}"
+            )
+        if dist_temp is not None and not dist_temp > 0:
+            raise ValueError(f"LatentNAT: dist_temp must be > 0 or None, got {dist_temp}")
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.cond_channels = cond_channels
+        self.merge = merge
+        self.mask_hides_latent = bool(mask_hides_latent)
+        self.iters = iters
+        self.schedule = list(schedule) if not isinstance(schedule, str) else schedule
+        self.gammas = mask_schedule(self.schedule, iters)
+        self.conf = _choice("conf", conf, _CONF_RULES)
+        self.sample_temp = float(sample_temp)
+        self.choice_temp = float(choice_temp)
+        self.remask_scope = _choice("remask_scope", remask_scope, ("new_only", "all"))
+        self.remask_rule = _choice("remask_rule", remask_rule, ("schedule",))
+        self.early_stop = early_stop
+        self.knn = knn
+        self.rho_max = float(rho_max)
+        self.feedback = _choice("feedback", feedback, ("hard", "soft"))
+        self.chunk = chunk
+        # calibrated scalars travel with the checkpoint; NaN means "not calibrated yet"
+        self.register_buffer("dist_temp", _nan_or(dist_temp))
+        self.register_buffer("tau", _nan_or(tau))
+
+        self.tok_emb = nn.Embedding(codebook_size + 1, dim)
+        self.cond_proj = nn.Conv2d(2 * code_dim + cond_channels + 1, dim, 1)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.embed_drop = nn.Dropout(dropout)
+        self.merge_conv = nn.Conv2d(dim, dim, merge, stride=merge)
+        self.body = TransformerStack(dim, depth, heads, mlp_ratio, dropout, peg_after=1)
+        self.unmerge = nn.Sequential(nn.Conv2d(dim, dim * merge * merge, 1), nn.PixelShuffle(merge))
+        self.head = MLMHead(dim, codebook_size)
+        self.head.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.tok_emb.weight, std=0.02)
+
+    @property
+    def mask_token_id(self) -> int:
+        """Id of ``[MASK]`` (= ``codebook_size``)."""
+        return self.codebook_size
+
+    # ------------------------------------------------------------------ network
+    def _check_inputs(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> None:
+        if tokens.dim() != 3 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"LatentNAT: tokens must be an integer B x h x w tensor, got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        b, h, w = tokens.shape
+        expect = {
+            "x_hat": (x_hat, (b, self.code_dim, h, w)),
+            "color_map": (color_map, (b, self.code_dim, h, w)),
+            "cond": (cond, (b, self.cond_channels, h, w)),
+            "entropy": (entropy, (b, h, w)),
+        }
+        for name, (t, shape) in expect.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(f"LatentNAT: {name} must have shape {shape} (from tokens), got {tuple(t.shape)}")
+
+    def features(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> Tensor:
+        """Per-position hidden states ``B x h x w x dim`` (before the MLM head).
+
+        Args:
+            tokens: ``B x h x w`` ids in ``[0, K]`` (``K`` = ``[MASK]``).
+            x_hat, color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``;
+            entropy: ``B x h x w`` normalised entropy of the flow distribution.
+        """
+        self._check_inputs(tokens, x_hat, color_map, cond, entropy)
+        b, h, w = tokens.shape
+        ent = entropy[:, None].to(x_hat.dtype)
+        if self.mask_hides_latent:
+            visible = (tokens != self.mask_token_id)[:, None].to(x_hat.dtype)
+            x_hat, ent = x_hat * visible, ent * visible
+        c = self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
+        e = self.tok_emb(tokens.long()) + c.permute(0, 2, 3, 1)
+        e = self.embed_drop(self.embed_norm(e)).permute(0, 3, 1, 2)  # B x d x h x w
+        ph, pw = (-h) % self.merge, (-w) % self.merge
+        if ph or pw:
+            e = F.pad(e, (0, pw, 0, ph), mode="replicate")
+        m = self.merge_conv(e)  # B x d x h' x w'
+        hm, wm = m.shape[-2:]
+        x = m.flatten(2).transpose(1, 2) + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
+        x = self.body(x, (hm, wm))
+        x = self.unmerge(x.transpose(1, 2).reshape(b, -1, hm, wm))[:, :, :h, :w]
+        return x.permute(0, 2, 3, 1)
+
+    def logits(
+        self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor, query_mask: Tensor
+    ) -> Tensor:
+        """Logits over the ``K`` codes at the query positions only.
+
+        Args:
+            query_mask: bool ``B x h x w``; usually the currently masked positions.
+
+        Returns:
+            ``N_q x K`` with ``N_q = query_mask.sum()``, rows in row-major ``(b, y, x)`` order (the order of
+            ``tensor[query_mask]``).
+        """
+        if query_mask.shape != tokens.shape or query_mask.dtype != torch.bool:
+            raise ValueError(f"LatentNAT: query_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
+        hidden = self.features(tokens, x_hat, color_map, cond, entropy)[query_mask]
+        return self.head(hidden, self.tok_emb.weight[: self.codebook_size])
+
+    forward = logits
+
+    # ------------------------------------------------------------ uncertainty
+    def _calibrated(self, name: str) -> float:
+        value = float(getattr(self, name))
+        if math.isnan(value):
+            raise RuntimeError(
+                f"LatentNAT.{name} is not calibrated: pass {name}=... to the constructor (network options) or call "
+                "LatentNAT.calibrate(flow_outputs, codebook) on training flow outputs first"
+            )
+        return value
+
+    def uncertainty(self, x_hat: Tensor, codebook: Tensor) -> CodeUncertainty:
+        """Flow-output code distribution (nat.md §3.2): ``codes`` v0, ``entropy``, ``margin`` (``B x h x w``)."""
+        self._check_codebook(codebook)
+        return code_uncertainty(x_hat, codebook, self._calibrated("dist_temp"), self.knn, self.chunk)
+
+    def _check_codebook(self, codebook: Tensor) -> None:
+        if tuple(codebook.shape) != (self.codebook_size, self.code_dim):
+            raise ValueError(
+                f"LatentNAT: codebook must be {self.codebook_size} x {self.code_dim}, got {tuple(codebook.shape)}"
+            )
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        flow_outputs: Tensor | Iterable[Tensor],
+        codebook: Tensor,
+        rho_target: float = 0.25,
+        set_dist_temp: bool = True,
+        set_tau: bool = True,
+    ) -> dict[str, float]:
+        """Set ``dist_temp`` (median 2nd-1st code gap) and ``tau`` (``1 - rho_target`` entropy quantile).
+
+        Args:
+            flow_outputs: ``B x code_dim x h x w`` flow outputs on training images (a tensor or an iterable).
+        """
+        self._check_codebook(codebook)
+        batches = [flow_outputs] if isinstance(flow_outputs, Tensor) else list(flow_outputs)
+        if set_dist_temp:
+            self.dist_temp.fill_(calibrate_dist_temp(batches, codebook, self.chunk))
+        if set_tau:
+            self.tau.fill_(
+                calibrate_tau(batches, codebook, self._calibrated("dist_temp"), self.knn, rho_target, self.chunk)
+            )
+        return {"dist_temp": float(self.dist_temp), "tau": float(self.tau)}
+
+    @staticmethod
+    def train_mask(
+        entropy: Tensor,
+        r_min: float = 0.05,
+        r_max: float = 0.6,
+        beta_entropy: float = 4.0,
+        generator: torch.Generator | None = None,
+        r_dist: str = "uniform",
+    ) -> Tensor:
+        """Training mask ``B x h x w`` (nat.md §3.8.3); see :func:`sample_train_mask`."""
+        return sample_train_mask(entropy, r_min, r_max, beta_entropy, generator, r_dist)
+
+    masked_ce_loss = staticmethod(masked_ce_loss)
+
+    # ------------------------------------------------------------------ decode
+    def _confidence(self, logp: Tensor, pred: Tensor) -> Tensor:
+        """Confidence ``N_q`` of the chosen ids ``pred`` under ``logp`` (``N_q x K``)."""
+        chosen = logp.gather(1, pred[:, None])[:, 0]
+        if self.conf == "logp":
+            return chosen
+        if self.conf == "neg_entropy":
+            return (logp.exp() * logp).sum(1)
+        others = logp.scatter(1, pred[:, None], float("-inf")).amax(1)
+        return chosen - others
+
+    def refine(
+        self,
+        x_hat: Tensor,
+        codebook: Tensor,
+        color_map: Tensor,
+        cond: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """Entropy-masked iterative refinement (Algorithm B, nat.md §3.6) and feedback (§3.7).
+
+        Call ``eval()`` first for deterministic decoding (dropout). Greedy (``sample_temp = choice_temp = 0``)
+        decoding is deterministic; otherwise the noise comes from ``generator``.
+
+        Args:
+            x_hat: ``B x code_dim x h x w`` flow output; codebook: ``K x code_dim``;
+            color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``.
+
+        Returns:
+            dict with ``z_out`` (``B x code_dim x h x w``, MF-decoder input; ``x_hat`` itself when nothing is
+            masked), ``z_q`` (``C[v^T]``), ``codes_init`` (v0) and ``codes`` (v^T) ``B x h x w`` int64,
+            ``mask_init`` (M0), ``masks`` (list, mask after each executed round), ``tokens`` (list, ids ``V^(t)``
+            after each round, ``K`` where masked), ``mask_union`` (every
+            position ever masked), ``entropy`` / ``margin`` of the flow distribution, ``uncertainty``
+            (normalised entropy of the committing distribution where masked, else ``entropy``; NAT-III's U),
+            ``soft_codes`` (expected code under the committing distribution where masked, else ``C[v^T]``),
+            ``n0`` (``B``), ``rounds`` (forward passes run).
+        """
+        self._check_codebook(codebook)
+        unc = self.uncertainty(x_hat, codebook)
+        v0, ent = unc.codes, unc.entropy
+        m0 = initial_mask(ent, self._calibrated("tau"), self.rho_max)
+        b, h, w = v0.shape
+        n = h * w
+        n0 = m0.reshape(b, -1).sum(1)
+        k_mask = self.mask_token_id
+        out: dict[str, Any] = {"codes_init": v0, "entropy": ent, "margin": unc.margin, "mask_init": m0, "n0": n0}
+
+        v = torch.where(m0, k_mask, v0).reshape(b, n)
+        mask = m0.reshape(b, n)
+        union = mask.clone()
+        code_rows = codebook.to(x_hat.dtype)
+        soft = code_rows[v0.reshape(b, n)]  # B x N x c
+        commit_ent = ent.reshape(b, n).clone()
+        masks: list[Tensor] = []
+        history: list[Tensor] = []
+        rounds = 0
+        t_exec = self.iters if self.early_stop is None else self.early_stop
+        for t in range(1, t_exec + 1):
+            if not bool(mask.any()):  # everything committed (n_t is then 0 in both scopes)
+                break
+            query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
+            rounds += 1
+            logits = self.logits(v.reshape(b, h, w), x_hat, color_map, cond, ent, query.reshape(b, h, w))
+            logp = logits.float().log_softmax(-1)  # N_q x K
+            if self.sample_temp > 0:
+                pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
+            else:
+                pred = logp.argmax(1)
+            pred = torch.where(mask[query], pred, v[query])  # visible queries (scope 'all') keep their token
+            conf = self._confidence(logp, pred)
+            if self.choice_temp > 0:
+                conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(
+                    conf.shape, conf.device, generator
+                )
+
+            n_t = still_masked_counts(n0, mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
+            scores = torch.full((b, n), float("inf"), device=logp.device)
+            scores[query] = conf
+            new_mask = topk_mask(scores, n_t, largest=False)
+
+            pred_full = v.clone()
+            pred_full[query] = pred
+            committed = mask & ~new_mask
+            committed_q = committed[query]
+            probs = logp[committed_q].exp()
+            soft = soft.index_put((committed,), (probs @ codebook.float()).to(soft.dtype))
+            commit_ent[committed] = normalized_entropy(probs).to(commit_ent.dtype)
+            v = torch.where(new_mask, k_mask, pred_full)
+            mask = new_mask
+            union |= new_mask
+            masks.append(mask.reshape(b, h, w).clone())
+            history.append(v.reshape(b, h, w).clone())
+        if bool((v == k_mask).any()):  # pragma: no cover - guarded by n_T = 0
+            raise RuntimeError("LatentNAT.refine: [MASK] tokens left after the last round")
+
+        codes = v.reshape(b, h, w)
+        z_q = code_rows[codes].permute(0, 3, 1, 2)
+        union_map = union.reshape(b, 1, h, w)
+        soft_map = soft.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        soft_map = torch.where(union_map, soft_map, z_q)
+        if not bool(union.any()):
+            z_out = x_hat  # N0 = 0: GLARE's own latent, untouched
+        else:
+            z_out = torch.where(union_map, z_q if self.feedback == "hard" else soft_map, x_hat)
+        out.update(
+            z_out=z_out,
+            z_q=z_q,
+            codes=codes,
+            masks=masks,
+            tokens=history,
+            mask_union=union.reshape(b, h, w),
+            uncertainty=torch.where(union, commit_ent, ent.reshape(b, n)).reshape(b, h, w),
+            soft_codes=soft_map,
+            rounds=rounds,
+        )
+        return out
+
+
+@ARCH_REGISTRY.register()
+class DecoderNAT(nn.Module):
+    """NAT-III: mask-aware feature transformer on a decoder feature map (nat.md §4).
+
+    ``patch x patch`` patches of the ``B x C x h x w`` features become tokens (``Linear(C p^2 -> dim)``);
+    masked patches take a learnable mask embedding; 2-D sin-cos positions and a projection of the patchified
+    ``[cond_feat || U]`` are added everywhere; ``depth`` pre-LN blocks; a zero-initialised ``Linear(dim ->
+    C p^2)`` gives ``delta``; ``h' = h + up(m) * delta`` (``residual='masked_only'``) or ``h + delta``
+    (``'all'``). Odd sizes are replicate-padded and cropped back. At initialisation ``h' == h`` exactly.
+
+    Args:
+        in_channels: ``C`` (512 at H/4 in GLARE's MF-decoder).
+        dim, depth, heads, mlp_ratio, dropout: transformer size.
+        cond_channels: channels of ``cond_feat`` (64).
+        patch: patch size (2).
+        tau3: patch-uncertainty threshold (None until calibrated, or pass ``mask`` to ``forward``).
+        rho3_max: cap on the masked patch fraction.
+        residual: ``masked_only`` | ``all``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 512,
+        dim: int = 384,
+        depth: int = 4,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        cond_channels: int = 64,
+        patch: int = 2,
+        tau3: float | None = None,
+        rho3_max: float = 0.5,
+        residual: str = "masked_only",
+    ) -> None:
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"DecoderNAT: patch must be >= 1, got {patch}")
+        self.in_channels = in_channels
+        self.cond_channels = cond_channels
+        self.patch = patch
+        self.rho3_max = float(rho3_max)
+        self.residual = _choice("residual", residual, ("masked_only", "all"))
+        self.register_buffer("tau3", _nan_or(tau3))
+        p2 = patch * patch
+        self.patch_embed = nn.Linear(in_channels * p2, dim)
+        self.cond_embed = nn.Linear((cond_channels + 1) * p2, dim)
+        self.mask_emb = nn.Parameter(torch.zeros(dim))
+        self.body = TransformerStack(dim, depth, heads, mlp_ratio, dropout, peg_after=None)
+        self.out = nn.Linear(dim, in_channels * p2)
+        self.patch_embed.apply(init_transformer_weights)
+        self.cond_embed.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.mask_emb, std=0.02)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        ph, pw = (-x.shape[-2]) % self.patch, (-x.shape[-1]) % self.patch
+        return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+    def patch_uncertainty(self, uncertainty: Tensor) -> Tensor:
+        """Mean of ``U`` (``B x h x w``) over each patch: ``B x ceil(h/p) x ceil(w/p)``."""
+        return F.avg_pool2d(self._pad(uncertainty[:, None].float()), self.patch)[:, 0]
+
+    def patch_mask(self, uncertainty: Tensor) -> Tensor:
+        """``m_j = [u_j > tau3]`` capped at ``rho3_max`` of the patches: bool ``B x h_p x w_p``."""
+        tau3 = float(self.tau3)
+        if math.isnan(tau3):
+            raise RuntimeError(
+                "DecoderNAT.tau3 is not calibrated: pass tau3=... to the constructor, call calibrate(), or give "
+                "forward() an explicit mask"
+            )
+        return initial_mask(self.patch_uncertainty(uncertainty), tau3, self.rho3_max)
+
+    @torch.no_grad()
+    def calibrate(self, uncertainties: Tensor | Iterable[Tensor], rho_target: float = 0.25) -> float:
+        """Set ``tau3`` to the ``1 - rho_target`` quantile of patch uncertainties (``B x h x w`` maps)."""
+        maps = [uncertainties] if isinstance(uncertainties, Tensor) else list(uncertainties)
+        if not maps:
+            raise ValueError("DecoderNAT.calibrate: no uncertainty maps given")
+        value = quantile(torch.cat([self.patch_uncertainty(u).reshape(-1).cpu() for u in maps]), 1.0 - rho_target)
+        self.tau3.fill_(value)
+        return value
+
+    def forward(
+        self, h: Tensor, cond_feat: Tensor, uncertainty: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Refine features at masked patches.
+
+        Args:
+            h: ``B x C x H x W`` features; cond_feat: ``B x cond_channels x H x W``;
+            uncertainty: ``B x H x W`` in ``[0, 1]``;
+            mask: optional bool patch mask ``B x ceil(H/p) x ceil(W/p)`` (default: :meth:`patch_mask`).
+
+        Returns:
+            ``(h', mask)``: refined ``B x C x H x W`` features and the patch mask used.
+        """
+        b, c, hh, ww = h.shape
+        if c != self.in_channels:
+            raise ValueError(f"DecoderNAT: h has {c} channels, expected in_channels={self.in_channels}")
+        if tuple(cond_feat.shape) != (b, self.cond_channels, hh, ww):
+            raise ValueError(
+                f"DecoderNAT: cond_feat must be {(b, self.cond_channels, hh, ww)}, got {tuple(cond_feat.shape)}"
+            )
+        if tuple(uncertainty.shape) != (b, hh, ww):
+            raise ValueError(f"DecoderNAT: uncertainty must be {(b, hh, ww)}, got {tuple(uncertainty.shape)}")
+        p = self.patch
+        hp, wp = -(-hh // p), -(-ww // p)
+        if mask is None:
+            mask = self.patch_mask(uncertainty)
+        elif tuple(mask.shape) != (b, hp, wp) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"DecoderNAT: mask must be a bool {(b, hp, wp)} patch mask, got {mask.dtype} {tuple(mask.shape)}"
+            )
+
+        tok = F.pixel_unshuffle(self._pad(h), p).flatten(2).transpose(1, 2)  # B x N x C p^2
+        x = self.patch_embed(tok)
+        x = torch.where(mask.reshape(b, -1, 1), self.mask_emb.to(x.dtype), x)
+        cu = torch.cat([cond_feat.to(h.dtype), uncertainty[:, None].to(h.dtype)], dim=1)
+        x = x + self.cond_embed(F.pixel_unshuffle(self._pad(cu), p).flatten(2).transpose(1, 2))
+        x = x + sincos_pos_embed_2d(hp, wp, x.shape[-1], x.device, x.dtype)
+        x = self.out(self.body(x, (hp, wp)))  # B x N x C p^2
+        delta = F.pixel_shuffle(x.transpose(1, 2).reshape(b, -1, hp, wp), p)[:, :, :hh, :ww]
+        if self.residual == "all":
+            return h + delta, mask
+        up = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None, :hh, :ww]
+        return torch.where(up, h + delta, h), mask

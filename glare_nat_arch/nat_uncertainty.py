@@ -1,0 +1,337 @@
+"""Code-space uncertainty, masks and schedules for the latent NAT refiner (design/nat.md §2.3, §3.2, §3.3, §3.8).
+
+Everything works on plain tensors (no BasicSR import):
+
+* :func:`knn_codes` - chunked squared distances from each latent vector to the codebook, keeping the
+  ``k`` nearest codes (never a full ``N x K`` matrix) plus the exact argmin (the quantiser's code).
+* :func:`code_uncertainty` - ``p0 = softmax(-d / T_d)`` over those codes, normalised entropy, margin.
+* :func:`initial_mask` - ``M0 = [H > tau]`` capped at the ``rho_max * N`` highest-entropy positions.
+* :func:`mask_schedule` - ``gamma(t/T)`` for ``t = 1..T`` (fraction of ``N0`` still masked).
+* :func:`calibrate_dist_temp`, :func:`calibrate_tau` - ``T_d`` = median 2nd-1st gap, ``tau`` = quantile.
+* :func:`sample_train_mask` - training mask, top-``m`` of ``beta * H + Gumbel``.
+* :func:`topk_mask` - per-sample top-``count`` selection shared by all of the above.
+
+Shapes: latents ``B x C x h x w``; codebook ``K x C``; per-position maps ``B x h x w``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SCHEDULES",
+    "CodeUncertainty",
+    "knn_codes",
+    "nearest_codes",
+    "code_probs",
+    "normalized_entropy",
+    "code_uncertainty",
+    "topk_mask",
+    "initial_mask",
+    "mask_schedule",
+    "still_masked_counts",
+    "gumbel_noise",
+    "quantile",
+    "calibrate_dist_temp",
+    "calibrate_tau",
+    "sample_train_mask",
+]
+
+SCHEDULES = ("cosine", "linear", "square", "cubic", "arccos", "root")
+
+
+def _check_latent(z: Tensor, codebook: Tensor, name: str = "latent") -> None:
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be K x C, got shape {tuple(codebook.shape)}")
+    if z.dim() != 4 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"{name} must be B x {codebook.shape[1]} x h x w (codebook dim {codebook.shape[1]}), got {tuple(z.shape)}"
+        )
+
+
+def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+    """Squared distances to the ``k`` nearest codes, computed in row chunks.
+
+    Distances use the quantiser's expansion ``|z|^2 + |e|^2 - 2 z.e`` in float32, so ``codes`` equals the
+    nearest-code lookup of a taming/GLARE ``VectorQuantizer2`` (argmin, first index on ties).
+
+    Args:
+        z: ``B x C x h x w`` latents.
+        codebook: ``K x C`` code vectors.
+        k: number of nearest codes kept (clamped to ``K``).
+        chunk: rows (positions) per distance block; memory is ``chunk x K`` floats.
+
+    Returns:
+        ``dist`` ``B x h x w x k`` (ascending), ``idx`` ``B x h x w x k`` (int64), ``codes`` ``B x h x w`` (int64).
+    """
+    _check_latent(z, codebook)
+    b, c, h, w = z.shape
+    k = min(int(k), codebook.shape[0])
+    rows = z.detach().permute(0, 2, 3, 1).reshape(-1, c).float()
+    emb = codebook.detach().float()
+    emb_sq = emb.pow(2).sum(1)
+    dists, idxs, codes = [], [], []
+    for start in range(0, rows.shape[0], chunk):
+        r = rows[start : start + chunk]
+        d = r.pow(2).sum(1, keepdim=True) + emb_sq[None] - 2.0 * (r @ emb.t())
+        top = d.topk(k, dim=1, largest=False, sorted=True)
+        dists.append(top.values)
+        idxs.append(top.indices)
+        codes.append(d.argmin(1))
+    return (
+        torch.cat(dists).reshape(b, h, w, k),
+        torch.cat(idxs).reshape(b, h, w, k),
+        torch.cat(codes).reshape(b, h, w),
+    )
+
+
+def nearest_codes(z: Tensor, codebook: Tensor, chunk: int = 2048) -> Tensor:
+    """Nearest-code indices ``B x h x w`` of ``B x C x h x w`` latents (e.g. teacher codes of ``E_vq(I_n)``)."""
+    return knn_codes(z, codebook, 1, chunk)[2]
+
+
+def code_probs(dist: Tensor, dist_temp: float) -> Tensor:
+    """``softmax(-dist / dist_temp)`` over the last dim (the kept nearest codes)."""
+    if not dist_temp > 0:
+        raise ValueError(f"dist_temp must be > 0, got {dist_temp}")
+    return torch.softmax(-dist / dist_temp, dim=-1)
+
+
+def normalized_entropy(probs: Tensor) -> Tensor:
+    """Entropy of the distributions on the last dim divided by ``log(n)``, clamped to ``[0, 1]``."""
+    n = probs.shape[-1]
+    if n < 2:
+        raise ValueError(f"normalized_entropy needs at least 2 outcomes, got {n}")
+    ent = -torch.special.xlogy(probs, probs).sum(-1)
+    return (ent / math.log(n)).clamp(0.0, 1.0)
+
+
+@dataclass
+class CodeUncertainty:
+    """Flow-output code distribution summary (all ``B x h x w`` unless noted)."""
+
+    codes: Tensor  # v0: nearest code, int64
+    entropy: Tensor  # normalised entropy of p0 in [0, 1]
+    margin: Tensor  # d_(2) - d_(1) >= 0
+    knn_idx: Tensor  # B x h x w x k nearest code ids
+    probs: Tensor  # B x h x w x k, p0 over knn_idx
+
+
+def code_uncertainty(
+    z: Tensor, codebook: Tensor, dist_temp: float, knn: int = 64, chunk: int = 2048
+) -> CodeUncertainty:
+    """Predictive code distribution of the flow output (design/nat.md §3.2).
+
+    Args:
+        z: ``B x C x h x w`` flow output ``x_hat``.
+        codebook: ``K x C``.
+        dist_temp: distance temperature ``T_d`` (> 0).
+        knn: nearest codes kept (``K >= 2`` required).
+    """
+    if codebook.shape[0] < 2:
+        raise ValueError(f"codebook needs at least 2 codes, got {codebook.shape[0]}")
+    dist, idx, codes = knn_codes(z, codebook, max(2, knn), chunk)
+    probs = code_probs(dist, dist_temp)
+    return CodeUncertainty(
+        codes=codes,
+        entropy=normalized_entropy(probs),
+        margin=(dist[..., 1] - dist[..., 0]).clamp_min(0.0),
+        knn_idx=idx,
+        probs=probs,
+    )
+
+
+def topk_mask(scores: Tensor, counts: Tensor, largest: bool = True) -> Tensor:
+    """Per-row selection of the ``counts[b]`` highest (or lowest) scores.
+
+    Args:
+        scores: ``B x N``; exclude candidates with ``-inf`` (largest) / ``+inf`` (smallest).
+        counts: ``B`` integer counts, each ``<=`` the number of valid candidates in its row.
+
+    Returns:
+        ``B x N`` bool mask with exactly ``counts[b]`` True entries per row.
+    """
+    b, n = scores.shape
+    counts = counts.to(device=scores.device, dtype=torch.long).clamp(0, n)
+    out = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
+    k = int(counts.max()) if b else 0
+    if k == 0:
+        return out
+    idx = scores.topk(k, dim=1, largest=largest, sorted=True).indices
+    keep = torch.arange(k, device=scores.device)[None] < counts[:, None]
+    return out.scatter_(1, idx, keep)
+
+
+def initial_mask(entropy: Tensor, tau: float, rho_max: float = 0.5) -> Tensor:
+    """``M0 = [H > tau]``, keeping at most ``floor(rho_max * N)`` highest-entropy positions per sample.
+
+    Args:
+        entropy: ``B x h x w`` normalised entropy.
+    Returns:
+        ``B x h x w`` bool.
+    """
+    if not 0.0 <= rho_max <= 1.0:
+        raise ValueError(f"rho_max must be in [0, 1], got {rho_max}")
+    b = entropy.shape[0]
+    flat = entropy.reshape(b, -1)
+    above = flat > tau
+    cap = int(math.floor(rho_max * flat.shape[1] + 1e-9))
+    counts = above.sum(1).clamp(max=cap)
+    scores = flat.masked_fill(~above, float("-inf"))
+    return topk_mask(scores, counts, largest=True).reshape(entropy.shape)
+
+
+def mask_schedule(schedule: str | Sequence[float], iters: int) -> list[float]:
+    """``gamma(t/T)`` for ``t = 1..T``: the fraction of ``N0`` still masked after round ``t`` (last is 0).
+
+    Args:
+        schedule: one of :data:`SCHEDULES` (nat.md §2.3), or explicit ratios ``r_1..r_{T-1}`` (a ``T``-th
+            value, if given, must be 0), each in ``[0, 1]``.
+        iters: ``T >= 1``.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if isinstance(schedule, str):
+        fns = {
+            "cosine": lambda r: math.cos(math.pi * r / 2),
+            "linear": lambda r: 1.0 - r,
+            "square": lambda r: 1.0 - r**2,
+            "cubic": lambda r: 1.0 - r**3,
+            "arccos": lambda r: math.acos(r) / (math.pi / 2),
+            "root": lambda r: 1.0 - math.sqrt(r),
+        }
+        if schedule not in fns:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES} or a list of ratios")
+        vals = [fns[schedule](t / iters) for t in range(1, iters)]
+    else:
+        vals = [float(v) for v in schedule]
+        if len(vals) == iters and vals and vals[-1] == 0.0:
+            vals = vals[:-1]
+        if len(vals) != iters - 1:
+            raise ValueError(f"schedule list needs {iters - 1} ratios (r_1..r_(T-1)) for iters={iters}, got {schedule}")
+        if any(not 0.0 <= v <= 1.0 for v in vals):
+            raise ValueError(f"schedule ratios must lie in [0, 1], got {schedule}")
+    return [min(1.0, max(0.0, v)) for v in vals] + [0.0]
+
+
+def still_masked_counts(n0: Tensor, n_prev: Tensor, gamma: float) -> Tensor:
+    """Positions left masked after a round: ``max(0, min(n_prev - 1, floor(N0 * gamma)))`` (nat.md §3.6 B7).
+
+    Args:
+        n0: ``B`` initial masked counts; n_prev: ``B`` counts masked before the round; gamma: schedule value.
+        For the last round pass ``gamma = 0``.
+    """
+    n_t = torch.floor(n0.double() * gamma + 1e-9).long()
+    return torch.minimum(n_t, n_prev.long() - 1).clamp_min(0)
+
+
+def gumbel_noise(shape: Sequence[int], device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Standard Gumbel(0, 1) noise (float32) drawn from ``generator`` (or the global RNG)."""
+    u = torch.rand(tuple(shape), device=device, generator=generator)
+    tiny = torch.finfo(u.dtype).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+
+
+def quantile(values: Tensor, q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of all entries; no size limit unlike ``torch.quantile``."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q must be in [0, 1], got {q}")
+    flat = values.reshape(-1).double()
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("quantile of an empty tensor")
+    pos = q * (n - 1)
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    v_lo = flat.kthvalue(lo + 1).values
+    v_hi = flat.kthvalue(hi + 1).values
+    return float(v_lo + (pos - lo) * (v_hi - v_lo))
+
+
+def _as_batches(latents: Tensor | Iterable[Tensor]) -> Iterable[Tensor]:
+    return [latents] if isinstance(latents, Tensor) else latents
+
+
+def calibrate_dist_temp(latents: Tensor | Iterable[Tensor], codebook: Tensor, chunk: int = 2048) -> float:
+    """``T_d`` = median over all positions of ``d_(2) - d_(1)`` (squared distances, nat.md §3.2 step 4).
+
+    Args:
+        latents: one ``B x C x h x w`` tensor or an iterable of them (flow outputs on training images).
+    """
+    gaps = []
+    for z in _as_batches(latents):
+        dist = knn_codes(z, codebook, 2, chunk)[0]
+        gaps.append((dist[..., 1] - dist[..., 0]).reshape(-1).cpu())
+    if not gaps:
+        raise ValueError("calibrate_dist_temp: no latents given")
+    t_d = quantile(torch.cat(gaps), 0.5)
+    if not t_d > 0:
+        raise ValueError(f"calibrate_dist_temp: median code gap is {t_d}; the latents sit on duplicated codes")
+    return t_d
+
+
+def calibrate_tau(
+    latents: Tensor | Iterable[Tensor],
+    codebook: Tensor,
+    dist_temp: float,
+    knn: int = 64,
+    rho_target: float = 0.25,
+    chunk: int = 2048,
+) -> float:
+    """``tau`` = the ``(1 - rho_target)`` quantile of the normalised entropy over all positions (§3.3)."""
+    if not 0.0 <= rho_target <= 1.0:
+        raise ValueError(f"rho_target must be in [0, 1], got {rho_target}")
+    ents = [
+        code_uncertainty(z, codebook, dist_temp, knn, chunk).entropy.reshape(-1).cpu() for z in _as_batches(latents)
+    ]
+    if not ents:
+        raise ValueError("calibrate_tau: no latents given")
+    return quantile(torch.cat(ents), 1.0 - rho_target)
+
+
+def sample_train_mask(
+    entropy: Tensor,
+    r_min: float = 0.05,
+    r_max: float = 0.6,
+    beta_entropy: float = 4.0,
+    generator: torch.Generator | None = None,
+    r_dist: str = "uniform",
+) -> Tensor:
+    """Training mask (nat.md §3.8.3): ``m = max(1, round(r N))`` positions = top-``m`` of ``beta H + Gumbel``.
+
+    Args:
+        entropy: ``B x h x w`` normalised entropy.
+        r_min, r_max: bounds of ``r ~ U(r_min, r_max)`` (``r_dist='uniform'``); ``'maskgit_cos'`` draws
+            ``r = cos(pi u / 2)``, ``u ~ U[0, 1)`` instead and ignores the bounds.
+        beta_entropy: 0 = uniform random positions; ``inf`` = pure top-entropy.
+        generator: RNG for ``r`` and the Gumbel noise.
+
+    Returns:
+        ``B x h x w`` bool, per sample exactly ``m_b`` True.
+    """
+    if not 0.0 <= r_min <= r_max <= 1.0:
+        raise ValueError(f"need 0 <= r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+    b = entropy.shape[0]
+    flat = entropy.reshape(b, -1).float()
+    n = flat.shape[1]
+    u = torch.rand(b, device=flat.device, generator=generator, dtype=torch.float64)
+    if r_dist == "uniform":
+        r = r_min + (r_max - r_min) * u
+    elif r_dist == "maskgit_cos":
+        r = torch.cos(math.pi * u / 2)
+    else:
+        raise ValueError(f"unknown r_dist {r_dist!r}; choose 'uniform' or 'maskgit_cos'")
+    counts = torch.round(r * n).long().clamp(1, n)
+    g = gumbel_noise(flat.shape, flat.device, generator)
+    if math.isinf(beta_entropy):  # pure entropy order; the Gumbel draw only breaks ties (lexicographic)
+        perm = g.argsort(dim=1)
+        order = perm.gather(1, flat.gather(1, perm).argsort(dim=1, descending=True, stable=True))
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=flat.device).expand(b, n))
+        scores = -ranks.float()
+    else:
+        scores = beta_entropy * flat + g
+    return topk_mask(scores, counts, largest=True).reshape(entropy.shape)

@@ -1,0 +1,169 @@
+"""Shared transformer building blocks for the NAT refiners (design/nat.md §3.5, §4).
+
+One pre-LN block (multi-head self-attention through ``F.scaled_dot_product_attention`` + GELU MLP), a
+size-agnostic fixed 2-D sin-cos position embedding, a positional-encoding generator (PEG, depthwise 3x3
+conv on the token grid) and a stack of blocks with a final LayerNorm. Attention never materialises an
+N x N matrix in this code: the kernel choice (flash / memory-efficient / math) is left to PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "sincos_pos_embed_2d",
+    "MultiHeadSelfAttention",
+    "Mlp",
+    "TransformerBlock",
+    "PEG",
+    "TransformerStack",
+    "init_transformer_weights",
+]
+
+
+def sincos_pos_embed_2d(
+    h: int, w: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE convention), row-major token order.
+
+    The first ``dim/2`` channels encode the row index, the last ``dim/2`` the column index; each half is
+    ``[sin(pos * omega), cos(pos * omega)]`` with ``omega_i = 10000^(-i / (dim/4))``.
+
+    Returns:
+        ``(h*w) x dim`` tensor; token ``y*w + x`` sits at row ``y``, column ``x``.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sincos_pos_embed_2d: dim must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter))
+    ys = torch.arange(h, device=device, dtype=torch.float64)
+    xs = torch.arange(w, device=device, dtype=torch.float64)
+    out_y = ys[:, None] * omega[None]  # h x dim/4
+    out_x = xs[:, None] * omega[None]  # w x dim/4
+    emb_y = torch.cat([out_y.sin(), out_y.cos()], dim=1)[:, None, :].expand(h, w, 2 * quarter)
+    emb_x = torch.cat([out_x.sin(), out_x.cos()], dim=1)[None, :, :].expand(h, w, 2 * quarter)
+    return torch.cat([emb_y, emb_x], dim=2).reshape(h * w, dim).to(dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention via SDPA (no mask, so fused kernels stay eligible).
+
+    Input / output: ``B x N x dim``.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"MultiHeadSelfAttention: dim={dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """``Linear(dim, hidden) -> GELU -> Dropout -> Linear(hidden, dim) -> Dropout`` on ``B x N x dim``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: ``x += MHSA(LN(x)); x += MLP(LN(x))``. Shape ``B x N x dim`` in and out."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadSelfAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PEG(nn.Module):
+    """Positional-encoding generator: ``x + DWConv3x3(x)`` on the token grid (size-agnostic).
+
+    Input / output: ``B x (h*w) x dim`` tokens in row-major order; ``hw = (h, w)``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        b, n, d = x.shape
+        h, w = hw
+        if n != h * w:
+            raise ValueError(f"PEG: {n} tokens do not form a {h}x{w} grid")
+        grid = x.transpose(1, 2).reshape(b, d, h, w)
+        return x + self.conv(grid).flatten(2).transpose(1, 2)
+
+
+class TransformerStack(nn.Module):
+    """``depth`` pre-LN blocks, an optional PEG after block ``peg_after`` (1-based), then a final LayerNorm.
+
+    Input / output: ``B x (h*w) x dim`` tokens; the grid size ``hw`` is needed only by the PEG.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        peg_after: int | None = 1,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"TransformerStack: depth must be >= 1, got {depth}")
+        if peg_after is not None and not 1 <= peg_after <= depth:
+            raise ValueError(f"TransformerStack: peg_after must be in [1, {depth}] or None, got {peg_after}")
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.peg_after = peg_after
+        self.peg = PEG(dim) if peg_after is not None else None
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_transformer_weights)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if self.peg is not None and i + 1 == self.peg_after:
+                x = self.peg(x, hw)
+        return self.norm(x)
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (ViT/MaskGIT convention)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1:
+        # depthwise PEG conv: small init so the PEG starts close to the identity
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,460 @@
+"""NAT refiners: transformer block, code uncertainty, masks/schedules, LatentNAT decoding, DecoderNAT."""
+
+from __future__ import annotations
+
+import math
+
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
+
+# isort: split
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.archs import build_network
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from glare_nat_arch.nat_arch import DecoderNAT, LatentNAT, masked_ce_loss
+from glare_nat_arch.nat_uncertainty import (
+    calibrate_dist_temp,
+    calibrate_tau,
+    code_uncertainty,
+    initial_mask,
+    knn_codes,
+    mask_schedule,
+    sample_train_mask,
+    still_masked_counts,
+)
+from glare_nat_arch.transformer import TransformerBlock, TransformerStack, sincos_pos_embed_2d
+
+K = 32  # tiny codebook
+COND = 4
+
+
+def tiny_latent_nat(**kw) -> LatentNAT:
+    opts = dict(dim=32, depth=2, heads=2, dropout=0.0, cond_channels=COND, knn=8, dist_temp=0.05, tau=0.0)
+    opts.update(kw)
+    torch.manual_seed(0)
+    return LatentNAT(K, **opts).eval()
+
+
+def inputs(b: int = 2, h: int = 7, w: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(K, 3, generator=g)
+    x_hat = torch.randn(b, 3, h, w, generator=g)
+    color_map = torch.randn(b, 3, h, w, generator=g)
+    cond = torch.rand(b, COND, h, w, generator=g)
+    return x_hat, codebook, color_map, cond
+
+
+class MaxTensorSize(TorchDispatchMode):
+    """Records the largest tensor any aten op produces, and the op names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.max_numel = max(self.max_numel, o.numel())
+        return out
+
+
+# ---------------------------------------------------------------- transformer
+def test_sincos_pos_embed_2d_layout():
+    pe = sincos_pos_embed_2d(3, 5, 8)
+    assert pe.shape == (15, 8)
+    # row 0, col 0: sin = 0, cos = 1 in both halves
+    assert torch.allclose(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    # first half depends on the row only, second half on the column only
+    grid = pe.reshape(3, 5, 8)
+    assert torch.equal(grid[:, 0, :4], grid[:, 4, :4]) and torch.equal(grid[0, :, 4:], grid[2, :, 4:])
+    assert torch.allclose(grid[2, 0, 0], torch.tensor(math.sin(2.0)))
+    assert len({tuple(r.tolist()) for r in pe}) == 15
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_pos_embed_2d(2, 2, 6)
+
+
+def test_attention_goes_through_sdpa(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append(tuple(q.shape))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    stack = TransformerStack(16, depth=2, heads=4, peg_after=1)
+    y = stack(torch.randn(2, 12, 16), (3, 4))
+    assert y.shape == (2, 12, 16)
+    assert calls == [(2, 4, 12, 4), (2, 4, 12, 4)]
+
+
+def test_long_sequence_never_materialises_n_by_n():
+    n = 4096
+    blk = TransformerBlock(32, heads=2).eval()
+    with torch.no_grad(), MaxTensorSize() as rec:
+        y = blk(torch.randn(1, n, 32))
+    assert y.shape == (1, n, 32)
+    assert rec.max_numel < n * n // 8, f"an op produced {rec.max_numel} elements (N*N = {n * n})"
+    assert any("scaled_dot_product" in op for op in rec.ops)
+
+
+# ---------------------------------------------------------------- uncertainty
+def test_knn_codes_match_brute_force_and_are_chunk_invariant():
+    x_hat, codebook, _, _ = inputs(h=5, w=6)
+    dist, idx, codes = knn_codes(x_hat, codebook, 8, chunk=7)
+    full = torch.cdist(x_hat.permute(0, 2, 3, 1).reshape(-1, 3), codebook) ** 2
+    assert torch.equal(codes.reshape(-1), full.argmin(1))
+    assert torch.allclose(dist.reshape(-1, 8), full.topk(8, largest=False).values, atol=1e-5)
+    assert torch.equal(idx[..., 0], codes)
+    assert (dist.diff(dim=-1) >= 0).all()
+    d2, i2, c2 = knn_codes(x_hat, codebook, 8, chunk=4096)
+    assert torch.equal(c2, codes) and torch.equal(i2, idx) and torch.equal(d2, dist)
+
+
+def test_entropy_in_unit_interval_and_tracks_ambiguity():
+    codebook = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [5.0, 0, 0], [9.0, 0, 0]])
+    # one latent on a code (unambiguous), one half-way between two codes (ambiguous)
+    z = torch.tensor([[0.0, 0, 0], [0.5, 0, 0]]).t().reshape(1, 3, 1, 2)
+    unc = code_uncertainty(z, codebook, dist_temp=0.1, knn=4)
+    assert ((unc.entropy >= 0) & (unc.entropy <= 1)).all()
+    assert unc.entropy[0, 0, 0] < 0.01 and unc.entropy[0, 0, 1] > 0.45
+    assert torch.allclose(unc.margin, torch.tensor([[[1.0, 0.0]]]), atol=1e-6)
+    rnd = code_uncertainty(*inputs()[:2], dist_temp=0.5, knn=8)
+    assert ((rnd.entropy >= 0) & (rnd.entropy <= 1)).all() and rnd.entropy.shape == (2, 7, 9)
+
+
+def test_dist_temp_is_median_gap_on_constructed_example():
+    codebook = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [3.0, 0, 0], [7.0, 0, 0]])
+    xs = torch.tensor([0.0, 0.5, 3.0, 7.0, 2.0])  # gaps d(2)-d(1): 1, 0, 4, 16, 0 -> median 1
+    z = torch.stack([xs, torch.zeros(5), torch.zeros(5)]).reshape(1, 3, 1, 5)
+    assert calibrate_dist_temp(z, codebook) == pytest.approx(1.0)
+    xs2 = torch.tensor([0.0, 3.0, 7.0, 0.25])  # gaps 1, 4, 16, 0.5 (0.5625-0.0625) -> median 2.5 (numpy)
+    z2 = torch.stack([xs2, torch.zeros(4), torch.zeros(4)]).reshape(1, 3, 1, 4)
+    assert calibrate_dist_temp([z2[..., :2], z2[..., 2:]], codebook) == pytest.approx(np.median([1, 4, 16, 0.5]))
+
+
+def test_tau_calibration_is_entropy_quantile_and_stored_in_state_dict():
+    x_hat, codebook, _, _ = inputs()
+    net = tiny_latent_nat(dist_temp=None, tau=None)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        net.refine(*inputs())
+    cal = net.calibrate([x_hat[:1], x_hat[1:]], codebook, rho_target=0.25)
+    ent = code_uncertainty(x_hat, codebook, cal["dist_temp"], knn=8).entropy
+    assert cal["tau"] == pytest.approx(float(np.quantile(ent.numpy(), 0.75)), abs=1e-6)
+    assert cal["tau"] == pytest.approx(calibrate_tau(x_hat, codebook, cal["dist_temp"], knn=8, rho_target=0.25))
+    fresh = tiny_latent_nat(dist_temp=None, tau=None)
+    fresh.load_state_dict(net.state_dict())
+    assert float(fresh.tau) == pytest.approx(cal["tau"]) and float(fresh.dist_temp) == pytest.approx(cal["dist_temp"])
+    assert 0.15 < fresh.refine(x_hat, codebook, *inputs()[2:])["mask_init"].float().mean() < 0.35
+
+
+def test_initial_mask_threshold_and_cap():
+    ent = torch.tensor([[0.9, 0.1, 0.8, 0.7, 0.2], [0.1, 0.1, 0.1, 0.95, 0.1]]).reshape(2, 1, 5)
+    m = initial_mask(ent, tau=0.5, rho_max=0.4)  # cap = floor(0.4 * 5) = 2
+    assert m.reshape(2, 5).tolist() == [[True, False, True, False, False], [False, False, False, True, False]]
+    assert initial_mask(ent, tau=1.0).sum() == 0
+
+
+# ---------------------------------------------------------------- schedules
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("cosine", [0.924, 0.707, 0.383, 0.0]),
+        ("linear", [0.75, 0.50, 0.25, 0.0]),
+        ("square", [0.938, 0.75, 0.438, 0.0]),
+        ("arccos", [0.839, 0.667, 0.460, 0.0]),
+        ("root", [0.5, 0.293, 0.134, 0.0]),
+    ],
+)
+def test_schedule_matches_nat_md_table(name, expected):
+    assert mask_schedule(name, 4) == pytest.approx(expected, abs=1e-3)
+
+
+def test_schedule_lists_and_errors():
+    assert mask_schedule([0.880, 0.746, 0.407], 4) == [0.880, 0.746, 0.407, 0.0]
+    assert mask_schedule([0.5, 0.0], 2) == [0.5, 0.0]
+    assert mask_schedule("cosine", 1) == [0.0]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        mask_schedule("cosin", 4)
+    with pytest.raises(ValueError, match="needs 3 ratios"):
+        mask_schedule([0.5], 4)
+
+
+def test_commit_counts_for_n0_3750_match_nat_md():
+    n0 = torch.tensor([3750])
+    left, commits = n0, []
+    for t, g in enumerate(mask_schedule("cosine", 4), start=1):
+        new = still_masked_counts(n0, left, 0.0 if t == 4 else g)
+        commits.append(int(left - new))
+        left = new
+    assert commits == [286, 813, 1216, 1435]
+
+
+# ---------------------------------------------------------------- LatentNAT network
+def test_registry_and_default_size():
+    assert "LatentNAT" in ARCH_REGISTRY and "DecoderNAT" in ARCH_REGISTRY
+    net = build_network({"type": "LatentNAT", "codebook_size": 8192})
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 14e6 < n_params < 16.5e6  # nat.md §3.5: about 15M
+    assert net.mask_token_id == 8192 and net.tok_emb.weight.shape == (8193, 384)
+
+
+@pytest.mark.parametrize("merge,h,w", [(2, 7, 9), (2, 8, 6), (1, 5, 3)])
+def test_logits_only_at_query_positions_any_size(merge, h, w):
+    net = tiny_latent_nat(merge=merge)
+    x_hat, codebook, color_map, cond = inputs(h=h, w=w)
+    tokens = torch.randint(0, K + 1, (2, h, w), generator=torch.Generator().manual_seed(0))
+    query = tokens == K
+    rows = []
+    net.head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    logits = net(tokens, x_hat, color_map, cond, torch.rand(2, h, w), query)
+    assert logits.shape == (int(query.sum()), K)
+    assert rows == [int(query.sum())]
+    assert net.features(tokens, x_hat, color_map, cond, torch.rand(2, h, w)).shape == (2, h, w, 32)
+
+
+def test_bad_inputs_name_the_argument():
+    net = tiny_latent_nat()
+    x_hat, codebook, color_map, cond = inputs()
+    with pytest.raises(ValueError, match="cond must have shape"):
+        net.refine(x_hat, codebook, color_map, cond[:, :2])
+    with pytest.raises(ValueError, match="codebook must be 32 x 3"):
+        net.refine(x_hat, codebook[:5], color_map, cond)
+    with pytest.raises(ValueError, match="remask_scope"):
+        LatentNAT(K, remask_scope="everything")
+
+
+def test_mask_hides_latent_removes_x_hat_at_masked_positions():
+    x_hat, _, color_map, cond = inputs()
+    tokens = torch.randint(0, K, (2, 7, 9), generator=torch.Generator().manual_seed(3))
+    tokens[:, 2:4, 3:6] = K
+    query = tokens == K
+    bumped = x_hat.clone()
+    bumped[:, :, 2:4, 3:6] += 1.0
+    ent = torch.rand(2, 7, 9)
+    for hides, same in ((True, True), (False, False)):
+        net = tiny_latent_nat(mask_hides_latent=hides)
+        a = net(tokens, x_hat, color_map, cond, ent, query)
+        b = net(tokens, bumped, color_map, cond, ent, query)
+        assert torch.equal(a, b) is same
+
+
+# ---------------------------------------------------------------- losses and training masks
+def test_masked_ce_ignores_visible_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 9, K, generator=g)
+    targets = torch.randint(0, K, (2, 7, 9), generator=g)
+    mask = torch.rand(2, 7, 9, generator=g) < 0.3
+    loss = masked_ce_loss(logits, targets, mask)
+    changed = logits.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 10
+    assert torch.equal(masked_ce_loss(changed, targets, mask), loss)
+    assert torch.equal(masked_ce_loss(logits[mask], targets[mask]), loss)
+    # label smoothing 0.1: (1 - eps) * CE + eps * mean_k(-log p_k)
+    logp = logits[mask].log_softmax(-1)
+    manual = (0.9 * -logp.gather(1, targets[mask][:, None])[:, 0] - 0.1 * logp.mean(1)).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+    leaf = logits.clone().requires_grad_(True)
+    empty = masked_ce_loss(leaf, targets, torch.zeros_like(mask))
+    empty.backward()
+    assert empty.item() == 0.0 and leaf.grad is not None
+
+
+def test_train_mask_counts_bias_and_determinism():
+    ent = torch.rand(4, 10, 10, generator=torch.Generator().manual_seed(0))
+    m1 = LatentNAT.train_mask(ent, 0.05, 0.6, 4.0, torch.Generator().manual_seed(5))
+    m2 = LatentNAT.train_mask(ent, 0.05, 0.6, 4.0, torch.Generator().manual_seed(5))
+    assert torch.equal(m1, m2)
+    counts = m1.reshape(4, -1).sum(1)
+    assert ((counts >= 5) & (counts <= 60)).all()
+    top = sample_train_mask(ent, 0.3, 0.3, math.inf, torch.Generator().manual_seed(1))
+    flat = ent.reshape(4, -1)
+    assert torch.equal(top.reshape(4, -1), flat >= flat.topk(30, dim=1).values[:, -1:])
+    assert sample_train_mask(torch.zeros(1, 1, 3), 0.0, 0.0).sum() == 1  # m = max(1, round(rN))
+    many = ent[:1].expand(64, 10, 10)
+    biased = sample_train_mask(many, 0.2, 0.2, 4.0, torch.Generator().manual_seed(2))
+    uniform = sample_train_mask(many, 0.2, 0.2, 0.0, torch.Generator().manual_seed(2))
+    assert abs(many[uniform].mean() - ent[0].mean()) < 0.05  # beta = 0: positions unrelated to entropy
+    assert many[biased].mean() > many[uniform].mean() + 0.15
+
+
+# ---------------------------------------------------------------- Algorithm B
+def test_nothing_masked_returns_flow_output_bit_identical():
+    net = tiny_latent_nat(tau=1.0)
+    x_hat, codebook, color_map, cond = inputs()
+    rows = []
+    net.head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    out = net.refine(x_hat, codebook, color_map, cond)
+    assert out["z_out"] is x_hat and out["rounds"] == 0 and rows == []
+    assert torch.equal(out["codes"], out["codes_init"])
+    assert torch.equal(out["z_q"], codebook[out["codes_init"]].permute(0, 3, 1, 2))
+    assert out["mask_init"].sum() == 0 and out["n0"].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("conf", ["logp", "neg_entropy", "margin"])
+def test_masks_shrink_commits_equal_n0_and_committed_tokens_stay(conf):
+    net = tiny_latent_nat(conf=conf, rho_max=0.5)
+    x_hat, codebook, color_map, cond = inputs()
+    rows = []
+    net.head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    out = net.refine(x_hat, codebook, color_map, cond)
+    m0, masks, toks = out["mask_init"], out["masks"], out["tokens"]
+    assert out["n0"].tolist() == [31, 31]  # tau = 0 masks everything, capped at floor(0.5 * 63)
+    assert len(masks) == 4 and out["rounds"] == 4 and not masks[-1].any()
+    prev_mask, prev_tok = m0, torch.where(m0, K, out["codes_init"])
+    commits = torch.zeros(2, dtype=torch.long)
+    expected_left = [[n, n] for n in (28, 21, 11, 0)]  # floor(31 * cos(pi t / 8)), t = 1..3, then 0
+    for t, (m, tok) in enumerate(zip(masks, toks)):
+        assert rows[t] == int(prev_mask.sum())  # logits only for the still-masked positions
+        assert not (m & ~prev_mask).any()  # only shrinks
+        assert m.reshape(2, -1).sum(1).tolist() == expected_left[t]
+        assert torch.equal(tok[~prev_mask], prev_tok[~prev_mask])  # committed tokens never change
+        assert (tok[m] == K).all() and (tok[~m] < K).all()
+        commits += (prev_mask & ~m).reshape(2, -1).sum(1)
+        prev_mask, prev_tok = m, tok
+    assert torch.equal(commits, out["n0"])
+    assert torch.equal(out["codes"], toks[-1])
+    assert torch.equal(out["codes"][~m0], out["codes_init"][~m0])
+    keep = ~m0[:, None].expand_as(x_hat)
+    assert torch.equal(out["z_out"][keep], x_hat[keep])
+    assert torch.equal(out["z_out"][~keep], out["z_q"][~keep])
+    assert torch.equal(out["mask_union"], m0)
+    assert ((out["uncertainty"] >= 0) & (out["uncertainty"] <= 1)).all()
+
+
+def test_greedy_refine_is_deterministic_and_sampling_follows_generator():
+    x_hat, codebook, color_map, cond = inputs()
+    net = tiny_latent_nat()
+    a, b = net.refine(x_hat, codebook, color_map, cond), net.refine(x_hat, codebook, color_map, cond)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["z_out"], b["z_out"])
+    samp = tiny_latent_nat(sample_temp=1.0, choice_temp=4.5)
+    s1 = samp.refine(x_hat, codebook, color_map, cond, torch.Generator().manual_seed(7))
+    s2 = samp.refine(x_hat, codebook, color_map, cond, torch.Generator().manual_seed(7))
+    s3 = samp.refine(x_hat, codebook, color_map, cond, torch.Generator().manual_seed(8))
+    assert torch.equal(s1["codes"], s2["codes"])
+    assert not torch.equal(s1["codes"], s3["codes"])
+    assert not torch.equal(s1["codes"], a["codes"])
+    assert not s1["masks"][-1].any() and torch.equal(s1["codes"][~s1["mask_init"]], a["codes_init"][~a["mask_init"]])
+
+
+def test_remask_scope_all_may_revise_committed_tokens():
+    x_hat, codebook, color_map, cond = inputs()
+    out = tiny_latent_nat(remask_scope="all").refine(x_hat, codebook, color_map, cond)
+    m0 = out["mask_init"]
+    assert not out["masks"][-1].any() and (out["codes"] < K).all()
+    assert (out["mask_union"] & ~m0).any()  # positions outside M0 were re-masked
+    assert (out["codes"] != out["codes_init"])[~m0].any()  # ... and revised
+    keep = ~out["mask_union"][:, None].expand_as(x_hat)
+    assert torch.equal(out["z_out"][keep], x_hat[keep]) and torch.equal(out["z_out"][~keep], out["z_q"][~keep])
+    sizes = [int(m.sum()) for m in out["masks"]]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_early_stop_and_soft_feedback():
+    x_hat, codebook, color_map, cond = inputs()
+    one = tiny_latent_nat(early_stop=1).refine(x_hat, codebook, color_map, cond)
+    assert one["rounds"] == 1 and not one["masks"][0].any()
+    soft = tiny_latent_nat(feedback="soft").refine(x_hat, codebook, color_map, cond)
+    hard = tiny_latent_nat().refine(x_hat, codebook, color_map, cond)
+    assert torch.equal(soft["codes"], hard["codes"])
+    m = soft["mask_init"][:, None].expand_as(x_hat)
+    assert torch.equal(soft["z_out"][~m], x_hat[~m])
+    assert torch.equal(soft["z_out"][m], soft["soft_codes"][m])
+    assert not torch.allclose(soft["z_out"][m], hard["z_out"][m])
+    # soft codes are convex combinations of codes: inside the codebook's bounding box
+    lo, hi = codebook.min(0).values[None, :, None, None], codebook.max(0).values[None, :, None, None]
+    assert ((soft["soft_codes"] >= lo - 1e-5) & (soft["soft_codes"] <= hi + 1e-5)).all()
+
+
+# ---------------------------------------------------------------- DecoderNAT
+def tiny_decoder_nat(**kw) -> DecoderNAT:
+    opts = dict(in_channels=8, dim=32, depth=2, heads=2, cond_channels=COND, tau3=0.5)
+    opts.update(kw)
+    torch.manual_seed(0)
+    return DecoderNAT(**opts)
+
+
+def decoder_inputs(h: int = 7, w: int = 9):
+    g = torch.Generator().manual_seed(4)
+    return (
+        torch.randn(2, 8, h, w, generator=g),
+        torch.rand(2, COND, h, w, generator=g),
+        torch.rand(2, h, w, generator=g),
+    )
+
+
+@pytest.mark.parametrize("residual", ["masked_only", "all"])
+def test_decoder_nat_is_identity_at_init(residual):
+    net = tiny_decoder_nat(residual=residual)
+    h, cond, u = decoder_inputs()
+    out, mask = net(h, cond, u)
+    assert torch.equal(out, h)
+    assert mask.shape == (2, 4, 5) and mask.dtype == torch.bool
+    assert 0 < int(mask.sum()) <= 2 * 10  # capped at rho3_max = 0.5 of 20 patches
+
+
+def test_decoder_nat_mask_from_uncertainty_and_changes_only_masked_patches():
+    net = tiny_decoder_nat()
+    h, cond, u = decoder_inputs()
+    pu = net.patch_uncertainty(u)
+    assert torch.allclose(pu[:, 0, 0], u[:, :2, :2].mean((1, 2)))
+    assert torch.allclose(pu[:, 3, 4], u[:, 6, 8])  # replicate-padded corner patch
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    out, mask = net(h, cond, u)
+    up = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None, :7, :9].expand_as(h)
+    assert torch.equal(out[~up], h[~up])
+    assert (out[up] != h[up]).all()
+    given = torch.zeros_like(mask)
+    assert torch.equal(net(h, cond, u, given)[0], h)
+    with pytest.raises(ValueError, match="patch mask"):
+        net(h, cond, u, given[:, :2])
+
+
+def test_decoder_nat_gradients_reach_every_parameter():
+    net = tiny_decoder_nat()
+    h, cond, u = decoder_inputs()
+    target = torch.randn_like(h)
+    out, mask = net(h, cond, u)
+    (out - target).pow(2).mean().backward()
+    assert net.out.weight.grad.abs().sum() > 0  # zero-init output layer learns first
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    out, _ = net(h, cond, u)
+    (out - target).pow(2).mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_decoder_nat_tau3_calibration():
+    net = tiny_decoder_nat(tau3=None)
+    h, cond, u = decoder_inputs()
+    with pytest.raises(RuntimeError, match="tau3 is not calibrated"):
+        net(h, cond, u)
+    tau3 = net.calibrate(u, rho_target=0.25)
+    assert tau3 == pytest.approx(float(np.quantile(net.patch_uncertainty(u).numpy(), 0.75)), abs=1e-6)
+    assert 0.15 <= net(h, cond, u)[1].float().mean() <= 0.3
+
+
+def test_first_round_keeps_the_least_confident_positions_masked():
+    net = tiny_latent_nat()
+    x_hat, codebook, color_map, cond = inputs()
+    out = net.refine(x_hat, codebook, color_map, cond)
+    m0, m1 = out["mask_init"], out["masks"][0]
+    tokens = torch.where(m0, K, out["codes_init"])
+    with torch.no_grad():
+        logp = net(tokens, x_hat, color_map, cond, out["entropy"], m0).log_softmax(-1)
+    conf = torch.zeros(m0.shape)
+    conf[m0] = logp.max(-1).values
+    committed = m0 & ~m1
+    for i in range(2):  # every still-masked position is less confident than every committed one
+        assert committed[i].any() and m1[i].any()
+        assert conf[i][m1[i]].max() <= conf[i][committed[i]].min()
+    assert torch.equal(out["tokens"][0][committed], logp.argmax(-1)[committed[m0]])
