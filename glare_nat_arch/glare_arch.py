@@ -1,0 +1,257 @@
+"""GLARE Stage II (conditional encoder + invertible latent flow) and Stage III (+ AFT decoder) networks.
+
+Attribute names equal the official ones so the official weights load 1:1 with ``strict=True``:
+``RRDB`` (conditional encoder ``E_c``: ``RRDB.encoder.*``, ``RRDB.cond_conv.0.*``, ``RRDB.color_conv.*``),
+``flowUpsamplerNet`` (:class:`~glare_nat_arch.flow.LatentFlow`) and, for Stage III, ``deformable_decoder``
+(:class:`~glare_nat_arch.aft.MultiScaleDecoder`). The frozen VQGAN is *not* a submodule: it is passed to
+:meth:`GLARENet.forward`, as in the official code where it is a separate network (``net_hq``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import Tensor, nn
+
+from glare_nat_arch.aft import MultiScaleDecoder
+from glare_nat_arch.blocks import Encoder
+from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
+from glare_nat_arch.vqgan_arch import GLAREVQGAN, load_state_dict_checked, read_state_dict
+
+__all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
+
+LatentRefiner = Callable[[Tensor, dict], Tensor]
+
+
+def log_transform(x: Tensor) -> Tensor:
+    """Official low-light preprocessing ``log(clamp(x + 1e-3, min=1e-3))`` for x in [0, 1] (range about [-6.9, 0])."""
+    return torch.log(torch.clamp(x + 1e-3, min=1e-3))
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple``; returns the padded tensor and (H, W).
+
+    Reflect padding, or replicate padding when a side is too short to reflect. (The official test scripts
+    instead always reflect-pad 20 px at the bottom and left and crop ``[:H, 20:]``; 400x600 LOL images are
+    already multiples of 4, so that padding only adds border context.)
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+class ConditionEncoder(nn.Module):
+    """``E_c`` (official ``ConEncoder1``): a VQGAN-encoder copy plus two heads on its bottleneck ``e``.
+
+    ``encoder``: :class:`~glare_nat_arch.blocks.Encoder`; ``cond_conv``: Sequential(Conv3x3 z->cond_channels,
+    Sigmoid); ``color_conv``: Conv3x3 z->z. Input: the *log-transformed* low-light image (B, 3, H, W).
+    Output dict: ``bottleneck`` e (B, z, h, w), ``cond`` (B, cond_channels, h, w), ``color_map`` (prior mean mu,
+    B, z, h, w) and ``skips`` ``[s0 (B, ch*ch_mult[0], H, W), s1 (B, ch*ch_mult[1], H/2, W/2)]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (64,),
+        resolution: int = 256,
+        z_channels: int = 3,
+        cond_channels: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.encoder = Encoder(
+            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, False, dropout
+        )
+        self.color_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
+        self.cond_conv = nn.Sequential(nn.Conv2d(z_channels, cond_channels, 3, 1, 1), nn.Sigmoid())
+
+    def forward(self, x_log: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        e, skips = self.encoder(x_log, return_skips=True)
+        return {"bottleneck": e, "cond": self.cond_conv(e), "color_map": self.color_conv(e), "skips": skips}
+
+
+@ARCH_REGISTRY.register()
+class GLAREFlowNet(nn.Module):
+    """GLARE Stage II: conditional encoder ``RRDB`` and latent flow ``flowUpsamplerNet`` (official ``LLFlowVQGAN2``).
+
+    Args (official defaults): ``in_channels``; encoder ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
+    ``resolution``, ``z_channels``, ``dropout`` (as the VQGAN encoder); ``cond_channels`` width of the flow
+    condition; flow ``flow_hidden_channels``, ``flow_L``, ``flow_K``, ``flow_n_extra_steps`` and the shape of the
+    unused official conv ``flow_unused_f_in -> flow_unused_f_out``.
+
+    Inputs: ``lq`` low-light images in [0, 1], (B, 3, H, W) with H, W multiples of ``downscale`` (4 officially).
+    Latents are (B, z_channels, H/4, W/4).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (64,),
+        resolution: int = 256,
+        z_channels: int = 3,
+        cond_channels: int = 64,
+        dropout: float = 0.0,
+        flow_hidden_channels: int = 64,
+        flow_L: int = 2,  # noqa: N803 (official name)
+        flow_K: int = 12,  # noqa: N803
+        flow_n_extra_steps: int = 2,
+        flow_unused_f_in: int = 320,
+        flow_unused_f_out: int = 384,
+    ):
+        super().__init__()
+        self.downscale = 2 ** (len(ch_mult) - 1)
+        self.RRDB = ConditionEncoder(
+            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, cond_channels, dropout
+        )
+        self.flowUpsamplerNet = LatentFlow(
+            in_channels=z_channels,
+            cond_channels=cond_channels,
+            hidden_channels=flow_hidden_channels,
+            L=flow_L,
+            K=flow_K,
+            n_extra_steps=flow_n_extra_steps,
+            unused_f_in=flow_unused_f_in,
+            unused_f_out=flow_unused_f_out,
+        )
+
+    def _check_lq(self, lq: Tensor) -> None:
+        if lq.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: lq must be (B, C, H, W), got {tuple(lq.shape)}")
+        h, w = lq.shape[-2:]
+        if h % self.downscale or w % self.downscale:
+            raise ValueError(
+                f"{type(self).__name__}: H, W = {h}, {w} must be multiples of {self.downscale} "
+                "(pad first, e.g. with pad_to_multiple; GLARENet pads by itself)"
+            )
+
+    def condition(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        """``E_c(log_transform(lq))`` for lq in [0, 1]; see :class:`ConditionEncoder` for the dict."""
+        self._check_lq(lq)
+        return self.RRDB(log_transform(lq))
+
+    def forward(
+        self, gt_latent: Tensor, lq: Tensor, mu_from_gt: bool | Tensor = False
+    ) -> dict[str, Tensor | list[Tensor]]:
+        """Stage-II NLL pass: ``z = f(gt_latent; cond)`` and the unit-Gaussian NLL around ``mu``.
+
+        ``gt_latent``: the frozen VQGAN's pre-quantisation latent of the normal-light image (B, z, h, w).
+        ``mu_from_gt``: False uses ``mu = color_map`` (official branch with probability 0.8), True uses
+        ``mu = gt_latent`` (probability ``train_gt_ratio`` = 0.2); a (B,) bool tensor picks per sample.
+        Returns ``z``, ``logdet`` (B,), ``mu``, ``logp`` (B,), ``nll`` (B,, bits per latent pixel) plus the
+        condition dict entries (``cond``, ``color_map``, ``bottleneck``, ``skips``).
+        """
+        c = self.condition(lq)
+        if gt_latent.shape != c["color_map"].shape:
+            raise ValueError(f"gt_latent {tuple(gt_latent.shape)} must match the latent {tuple(c['color_map'].shape)}")
+        z, logdet = self.flowUpsamplerNet(gt_latent, c["cond"])
+        if isinstance(mu_from_gt, Tensor):
+            mu = torch.where(mu_from_gt.view(-1, 1, 1, 1).to(torch.bool), gt_latent, c["color_map"])
+        else:
+            mu = gt_latent if mu_from_gt else c["color_map"]
+        return {**c, "z": z, "logdet": logdet, "mu": mu, "logp": gaussian_logp(z, mu), "nll": flow_nll(z, logdet, mu)}
+
+    def reverse(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        """Inference direction: ``z_hat = f^-1(color_map; cond)`` with z = mu exactly (no noise, as official).
+
+        Returns ``z_hat`` (B, z, h, w), ``logdet`` (B,, reverse log-determinant from 0) and the condition dict.
+        """
+        c = self.condition(lq)
+        z_hat, logdet = self.flowUpsamplerNet(c["color_map"], c["cond"], reverse=True)
+        return {**c, "z_hat": z_hat, "logdet": logdet}
+
+    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor]) -> None:
+        """Load an official checkpoint (flat dict, or BasicSR ``{'params': ...}``) with ``strict=True``.
+
+        A clear :class:`~glare_nat_arch.vqgan_arch.StateDictMismatchError` lists missing/unexpected/mis-shaped keys.
+        """
+        state_dict, name = read_state_dict(src)
+        load_state_dict_checked(self, state_dict, name)
+
+
+@ARCH_REGISTRY.register()
+class GLARENet(GLAREFlowNet):
+    """GLARE Stage III (official ``VQLLFLOWDeformable``): Stage II plus the AFT decoder ``deformable_decoder``.
+
+    Extra args: ``mix_init`` (official (-1.0, -0.6)), ``per_sample_rescale`` (False = official batch-global
+    rescale, see :class:`~glare_nat_arch.aft.MultiScaleDecoder`), ``out_ch``. ``D_MF`` uses the encoder's
+    ``ch``/``ch_mult``/``num_res_blocks``/``attn_resolutions`` (as the official code).
+
+    :meth:`load_official` accepts a full ``net_G.pth`` (824 tensors; its unused ``flowUpsamplerNet.f.0.*`` and
+    ``deformable_decoder.{conv_out,scale,bias,enc}.*`` exist here as never-used parameters so that loading is
+    strict) or, with ``stage2_only=True``, a Stage-II checkpoint (``RRDB.*`` and ``flowUpsamplerNet.*`` only).
+    """
+
+    def __init__(
+        self,
+        *args,
+        out_ch: int = 3,
+        mix_init: Sequence[float] = (-1.0, -0.6),
+        per_sample_rescale: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        enc = self.RRDB.encoder
+        self.deformable_decoder = MultiScaleDecoder(
+            out_ch=out_ch,
+            mix_init=mix_init,
+            per_sample_rescale=per_sample_rescale,
+            **enc.arch_kwargs,
+        )
+
+    def forward(
+        self,
+        lq: Tensor,
+        vqgan: GLAREVQGAN,
+        latent_refiner: LatentRefiner | None = None,
+        return_intermediates: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        """Enhance ``lq`` (B, 3, H, W) in [0, 1]; any H, W (reflect-padded to a multiple of 4, cropped back).
+
+        Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> optional ``latent_refiner(z_hat, cond_dict)`` ->
+        frozen ``vqgan.decode`` (quantise, ``D_NL`` features ``[n1, n0]``; its RGB is not computed) ->
+        ``D_MF(z, [n1, n0], [s0, s1])``. ``latent_refiner=None`` is the official path; the refiner's output feeds
+        both decoders. Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with
+        ``output`` plus (at the padded size) ``z_hat``, ``z_dec``, ``z_hat_quant``, ``z_hat_indices``, ``dnl_rgb``,
+        ``n1``, ``n0``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1`` and the per-level fusion tensors.
+        """
+        if lq.dim() != 4:
+            raise ValueError(f"GLARENet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
+        x, (h, w) = pad_to_multiple(lq, self.downscale)
+        rev = self.reverse(x)
+        z_dec = rev["z_hat"] if latent_refiner is None else latent_refiner(rev["z_hat"], rev)
+        if return_intermediates:
+            quant, _, indices = vqgan.quantize_latent(z_dec)
+            dnl_rgb, nl_feats = vqgan.decode_quant(quant, return_rgb=True)
+        else:
+            _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False)
+        inter: dict | None = {} if return_intermediates else None
+        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter)[..., :h, :w]
+        if not return_intermediates:
+            return out
+        s0, s1 = rev["skips"][0], rev["skips"][1]
+        extra = {k: rev[k] for k in ("z_hat", "cond", "color_map", "bottleneck")}
+        n1, n0 = nl_feats[0], nl_feats[-1]
+        base = {"output": out, "z_dec": z_dec, "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
+        return {**base, **extra, "n1": n1, "n0": n0, "s0": s0, "s1": s1, **inter}
+
+    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor], stage2_only: bool = False) -> None:
+        """Load ``net_G.pth`` strictly; ``stage2_only`` loads a Stage-II checkpoint into ``RRDB`` and
+        ``flowUpsamplerNet`` strictly and leaves ``deformable_decoder`` untouched (official Stage-III init)."""
+        if not stage2_only:
+            return super().load_official(src)
+        state_dict, name = read_state_dict(src)
+        target = nn.ModuleDict({"RRDB": self.RRDB, "flowUpsamplerNet": self.flowUpsamplerNet})
+        load_state_dict_checked(target, state_dict, name)

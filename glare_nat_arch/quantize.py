@@ -1,0 +1,79 @@
+"""Vector quantiser of GLARE's Stage-I VQGAN (taming ``VectorQuantizer2`` with ``legacy=False``, no EMA).
+
+State-dict key: ``embedding.weight`` (n_e, e_dim), as in the official ``quantize.embedding.weight``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VectorQuantizer"]
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantiser with a straight-through estimator.
+
+    Args:
+        n_e: number of codes K.
+        e_dim: code dimension (the latent channel count).
+        beta: commitment weight: ``loss = beta * ||sg(z_q) - z||^2 + ||z_q - sg(z)||^2`` (both terms are means).
+        max_chunk_elems: at most this many distance entries (rows x K) are built at once, so a large image
+            never allocates its whole N x K distance matrix (N = B*h*w).
+
+    The distance is the official squared L2 ``|z|^2 + |e|^2 - 2 z.e`` followed by argmin (first index on ties),
+    computed in at least float32 with autocast off (the official code, run under autocast, would compute it in
+    fp16 on a GPU). Codebook init: uniform(-1/K, 1/K).
+    """
+
+    def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, max_chunk_elems: int = 1 << 24):
+        super().__init__()
+        self.n_e = n_e
+        self.e_dim = e_dim
+        self.beta = beta
+        self.max_chunk_elems = max_chunk_elems
+        self.embedding = nn.Embedding(n_e, e_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
+
+    @torch.no_grad()
+    def nearest_indices(self, z: Tensor) -> Tensor:
+        """Code indices of the nearest codebook vectors: z (B, e_dim, h, w) -> (B, h, w) int64."""
+        if z.dim() != 4 or z.shape[1] != self.e_dim:
+            raise ValueError(f"VectorQuantizer expects (B, {self.e_dim}, h, w) latents, got {tuple(z.shape)}")
+        b, _, h, w = z.shape
+        dtype = torch.promote_types(z.dtype, torch.float32)  # never fp16/bf16 distances (8192 close codes)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim).to(dtype)
+        codes = self.embedding.weight.to(dtype)
+        code_sq = (codes**2).sum(dim=1)
+        rows = max(1, self.max_chunk_elems // self.n_e)
+        out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        device_type = flat.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else nullcontext()
+        )
+        with no_autocast:
+            for start in range(0, flat.shape[0], rows):  # chunks of rows, not a loop over tokens
+                part = flat[start : start + rows]
+                dist = (part**2).sum(dim=1, keepdim=True) + code_sq - 2 * part @ codes.t()
+                out[start : start + rows] = dist.argmin(dim=1)
+        return out.view(b, h, w)
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """Codebook vectors of ``indices``: (B, h, w) int64 -> (B, e_dim, h, w)."""
+        return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantise z (B, e_dim, h, w).
+
+        Returns ``(z_q, loss, indices)``: z_q (B, e_dim, h, w) with straight-through gradients to z,
+        the scalar codebook + commitment loss, and indices (B, h, w) int64.
+        """
+        indices = self.nearest_indices(z)
+        z_q = self.lookup(indices).to(z.dtype)
+        loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
+        z_q = z + (z_q - z).detach()
+        return z_q, loss, indices

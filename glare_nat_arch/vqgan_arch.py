@@ -1,0 +1,182 @@
+"""Stage I of GLARE: the normal-light VQGAN (encoder ``E_NL``, quantiser ``Q``, decoder ``D_NL``).
+
+Attribute names equal the official ``VQModel`` (``encoder``, ``decoder``, ``quantize``, ``quant_conv``,
+``post_quant_conv``), so the official ``vqgan.pkl`` loads with ``strict=True`` once the two documented unused
+prefixes are dropped (see :data:`VQGAN_UNUSED_PREFIXES` and :meth:`GLAREVQGAN.load_official`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import Tensor, nn
+
+from glare_nat_arch.blocks import Decoder, Encoder
+from glare_nat_arch.quantize import VectorQuantizer
+
+__all__ = [
+    "GLAREVQGAN",
+    "VQGAN_UNUSED_PREFIXES",
+    "StateDictMismatchError",
+    "read_state_dict",
+    "state_dict_report",
+    "load_state_dict_checked",
+]
+
+#: Keys of the official ``vqgan.pkl`` that no GLARE forward path uses: ``conv_semantic.*`` (a 3->256 1x1 conv of
+#: an inactive semantic loss) and ``vgg_feat_extractor.*`` (the VGG19 that feeds it). They are dropped on load.
+VQGAN_UNUSED_PREFIXES = ("conv_semantic.", "vgg_feat_extractor.")
+
+
+class StateDictMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not match the network (the message lists every offending key)."""
+
+
+def read_state_dict(src: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Load a flat state dict from a file or mapping; unwraps a BasicSR ``{'params': ...}`` container.
+
+    Returns ``(state_dict, source_name)``; raises a clear error for a missing file or a non-tensor payload.
+    """
+    name = "<state dict>"
+    if isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"checkpoint not found: {name}")
+        src = torch.load(name, map_location="cpu", weights_only=True)
+    if not isinstance(src, Mapping):
+        raise StateDictMismatchError(f"{name}: expected a dict of tensors, got {type(src).__name__}")
+    if "params" in src and isinstance(src["params"], Mapping):
+        src = src["params"]
+    bad = [k for k, v in src.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise StateDictMismatchError(f"{name}: non-tensor entries {bad[:10]} (not a flat state dict)")
+    return dict(src), name
+
+
+def state_dict_report(net: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, list]:
+    """Compare ``state_dict`` with ``net``: ``{'missing': [...], 'unexpected': [...], 'shape': [(k, ckpt, net)]}``."""
+    own = net.state_dict()
+    return {
+        "missing": sorted(set(own) - set(state_dict)),
+        "unexpected": sorted(set(state_dict) - set(own)),
+        "shape": sorted(
+            (k, tuple(v.shape), tuple(own[k].shape))
+            for k, v in state_dict.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ),
+    }
+
+
+def load_state_dict_checked(net: nn.Module, state_dict: Mapping[str, Tensor], source: str = "<state dict>") -> None:
+    """``net.load_state_dict(state_dict, strict=True)`` that first reports every missing, unexpected and
+    shape-mismatched key in one :class:`StateDictMismatchError` naming ``source``."""
+    rep = state_dict_report(net, state_dict)
+    if any(rep.values()):
+        lines = [f"{source} does not match {type(net).__name__}:"]
+        for what in ("missing", "unexpected", "shape"):
+            if rep[what]:
+                lines.append(f"  {what} ({len(rep[what])}): {rep[what][:20]}{' ...' if len(rep[what]) > 20 else ''}")
+        raise StateDictMismatchError("\n".join(lines))
+    net.load_state_dict(state_dict, strict=True)
+
+
+@ARCH_REGISTRY.register()
+class GLAREVQGAN(nn.Module):
+    """GLARE's VQGAN (f = 2**(len(ch_mult)-1), official: f=4, K=8192, d=3).
+
+    Args (official defaults): ``in_channels``/``out_ch`` image channels; ``ch``, ``ch_mult``, ``num_res_blocks``,
+    ``attn_resolutions``, ``resolution``, ``z_channels``, ``dropout`` as in :class:`~glare_nat_arch.blocks.Encoder`;
+    ``n_embed`` codes of dimension ``embed_dim``; ``beta`` commitment weight.
+
+    Shapes for an image (B, 3, H, W): latent / quant (B, embed_dim, H/f, W/f), indices (B, H/f, W/f).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_ch: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (64,),
+        resolution: int = 256,
+        z_channels: int = 3,
+        embed_dim: int = 3,
+        n_embed: int = 8192,
+        beta: float = 0.25,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        arch = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            resolution=resolution,
+            z_channels=z_channels,
+            dropout=dropout,
+        )
+        self.downscale = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(in_channels=in_channels, double_z=False, **arch)
+        self.decoder = Decoder(out_ch=out_ch, **arch)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Pre-quantisation latent ``quant_conv(encoder(x))``: (B, 3, H, W) -> (B, embed_dim, h, w)."""
+        return self.quant_conv(self.encoder(x))
+
+    def quantize_latent(self, latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(quant (B, d, h, w), emb_loss (), indices (B, h, w))`` of a latent."""
+        return self.quantize(latent)
+
+    def decode_quant(self, quant: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+        """Decode already-quantised codes: ``(rgb (B, 3, H, W) or None, [n1, n0])`` (no quantisation here)."""
+        return self.decoder(self.post_quant_conv(quant), return_rgb=return_rgb)
+
+    def decode_indices(self, indices: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+        """Decode code indices (B, h, w): ``(rgb or None, [n1, n0])``."""
+        return self.decode_quant(self.quantize.lookup(indices), return_rgb=return_rgb)
+
+    def decode(self, latent: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, Tensor, list[Tensor]]:
+        """Official ``VQModel.decode``: quantise ``latent`` then decode. Returns ``(rgb or None, emb_loss, [n1, n0])``.
+
+        n1 is (B, ch*ch_mult[1], H/2, W/2) and n0 is (B, ch*ch_mult[0], H, W) for the official three levels.
+        """
+        quant, emb_loss, _ = self.quantize(latent)
+        rgb, feats = self.decode_quant(quant, return_rgb=return_rgb)
+        return rgb, emb_loss, feats
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage-I reconstruction: ``(rec (B, 3, H, W), emb_loss (), indices (B, h, w))``."""
+        quant, emb_loss, indices = self.quantize(self.encode(x))
+        rec, _ = self.decode_quant(quant)
+        return rec, emb_loss, indices
+
+    def get_last_layer(self) -> Tensor:
+        """Weight of the decoder's RGB head (for the adaptive GAN weight)."""
+        return self.decoder.conv_out.weight
+
+    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor]) -> list[str]:
+        """Load an official ``vqgan.pkl`` (or a converted ``{'params': ...}`` file) with ``strict=True``.
+
+        Only keys under :data:`VQGAN_UNUSED_PREFIXES` are dropped first; any other extra, missing or
+        shape-mismatched key raises :class:`StateDictMismatchError` listing them. Returns the dropped keys.
+        """
+        state_dict, name = read_state_dict(src)
+        dropped = [k for k in state_dict if k.startswith(VQGAN_UNUSED_PREFIXES)]
+        for k in dropped:
+            del state_dict[k]
+        load_state_dict_checked(self, state_dict, name)
+        return dropped
+
+    @classmethod
+    def from_official(cls, src: str | os.PathLike | Mapping[str, Tensor], **kwargs) -> GLAREVQGAN:
+        """Build with ``kwargs`` (official defaults) and :meth:`load_official` ``src``."""
+        net = cls(**kwargs)
+        net.load_official(src)
+        return net
