@@ -3,10 +3,8 @@
 This folder has no ``__init__.py`` on purpose: it must never shadow the installed ``basicsr`` package.
 """
 
-import importlib.util
 import os.path as osp
 import runpy
-import sys
 
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 

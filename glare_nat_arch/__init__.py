@@ -1,9 +1,9 @@
 """glare-nat networks, registered in BasicSR's ARCH_REGISTRY (import every ``*_arch.py``)."""
 
-from glare_nat_arch import compat  # noqa: F401  (must run before basicsr is imported)
+import importlib
+from pathlib import Path
 
-import importlib  # noqa: E402
-from pathlib import Path  # noqa: E402
+from glare_nat_arch import compat  # noqa: F401  (must run before basicsr is imported)
 
 _here = Path(__file__).resolve().parent
 for _f in sorted(_here.glob("*_arch.py")):

@@ -116,7 +116,7 @@ class GLAREFlowModel(GLAREBaseModel):
         if stepped:
             self.backward_and_step(loss_dict["l_nll"], self.optimizer_g, "g", current_iter)
         loss_dict["logdet"] = out["logdet"].detach().float().mean()
-        loss_dict["mu_from_gt"] = torch.tensor(float(mu_from_gt))
+        loss_dict["mu_from_gt"] = torch.tensor(float(mu_from_gt), device=self.device)
         self.finish_step(loss_dict, stepped)
 
     def forward_test(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:

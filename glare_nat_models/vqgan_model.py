@@ -134,10 +134,10 @@ class VQGANModel(GLAREBaseModel):
         if stepped:
             total = sum(v for k, v in loss_dict.items() if k.startswith("l_g_"))
             self.backward_and_step(total, self.optimizer_g, "g", current_iter)
-        loss_dict["code_usage"] = torch.tensor(indices.unique().numel() / net_g.quantize.n_e)
+        loss_dict["code_usage"] = torch.tensor(indices.unique().numel() / net_g.quantize.n_e, device=self.device)
         self.code_counts += torch.bincount(indices.flatten(), minlength=self.code_counts.numel())
         if stepped and self.code_restart_every and current_iter % self.code_restart_every == 0:
-            loss_dict["codes_restarted"] = torch.tensor(float(self.restart_dead_codes()))
+            loss_dict["codes_restarted"] = torch.tensor(float(self.restart_dead_codes()), device=self.device)
 
         # ---- discriminator (after disc_start, and only when the generator step was finite)
         self.net_d.requires_grad_(True)

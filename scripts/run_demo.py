@@ -165,7 +165,11 @@ def write_report(timings: list[tuple[str, float]]) -> Path:
             f"| {label} | {row['psnr']:.2f} | {row['ssim']:.4f} | {row['psnr_gtmean']:.2f} | {row['ssim_gtmean']:.4f} |"
         )
         definitions = rec.get("protocols", definitions)
-    lines += ["", "LPIPS is not reported: it needs local AlexNet weights (`--lpips-weights`), and nothing downloads.", ""]
+    lines += [
+        "",
+        "LPIPS is not reported: it needs local AlexNet weights (`--lpips-weights`), and nothing downloads.",
+        "",
+    ]
     if definitions:
         lines += ["Protocol definitions:", ""]
         lines += [f"- **{k}**: {v}" for k, v in definitions.items() if k in ("plain", "gtmean")]

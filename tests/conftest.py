@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import glare_nat_arch  # noqa: F401  (compat shims before any basicsr import)
 import pytest
 import torch
+
+import glare_nat_arch  # noqa: F401  (compat shims before any basicsr import)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _GOLDEN_NAME = "glare_official_tiny.pt"

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from glare_nat_arch import compat
 
+from glare_nat_arch import compat
 from tests.conftest import REPO_ROOT
 
 BLOCKER = textwrap.dedent(

@@ -1,8 +1,9 @@
 """Our names are registered in BasicSR's registries and do not clash with BasicSR's own."""
 
-import glare_nat_models  # noqa: F401  (registers archs, data, models, losses, metrics)
 import pytest
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+
+import glare_nat_models  # noqa: F401  (registers archs, data, models, losses, metrics)
 
 OURS = {
     ARCH_REGISTRY: ["GLAREVQGAN", "GLAREFlowNet", "GLARENet", "PatchGANDiscriminator", "LatentNAT", "DecoderNAT"],
