@@ -18,7 +18,7 @@ Index mapping for three levels: ``mix.0``/``warp.0`` at H/2 (``s1``, ``n1``); ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from basicsr.archs.arch_util import DCNv2Pack
@@ -128,11 +128,17 @@ class MultiScaleDecoder(Decoder):
         return h.mean() / u.mean()
 
     def forward(
-        self, z: Tensor, nl_feats: Sequence[Tensor], skips: Sequence[Tensor], intermediates: dict | None = None
+        self,
+        z: Tensor,
+        nl_feats: Sequence[Tensor],
+        skips: Sequence[Tensor],
+        intermediates: dict | None = None,
+        mid_hook: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """See the class docstring. If ``intermediates`` is a dict it receives, per fused level ``l``,
         ``level{l}_h_pre``, ``level{l}_h_mix``, ``level{l}_u``, ``level{l}_mean_h_mix``, ``level{l}_mean_u``,
-        ``level{l}_std_u`` and ``level{l}_h_post``."""
+        ``level{l}_std_u`` and ``level{l}_h_post``. ``mid_hook(h) -> h`` (optional) transforms the bottleneck
+        feature after ``mid`` (see :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`)."""
         n_fused = len(self.warp)
         if len(nl_feats) != n_fused or len(skips) != n_fused:
             raise ValueError(
@@ -159,5 +165,5 @@ class MultiScaleDecoder(Decoder):
                 )
             return h_post
 
-        h, _ = self.run_backbone(z, level_hook=fuse, collect=False)
+        h, _ = self.run_backbone(z, level_hook=fuse, collect=False, mid_hook=mid_hook)
         return self.residual_conv(swish(self.norm_out(h)))

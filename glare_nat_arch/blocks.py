@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,8 +28,9 @@ def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N80
 
 
 def swish(x: Tensor) -> Tensor:
-    """``x * sigmoid(x)`` (the official ``nonlinearity``)."""
-    return x * torch.sigmoid(x)
+    """``x * sigmoid(x)`` (the official ``nonlinearity``), as the fused ``F.silu`` kernel: one pass over the
+    tensor and no intermediate ``sigmoid(x)`` tensor (same values up to float rounding)."""
+    return F.silu(x)
 
 
 class ResnetBlock(nn.Module):
@@ -272,14 +272,22 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def run_backbone(
-        self, z: Tensor, level_hook: LevelHook | None = None, collect: bool = True
+        self,
+        z: Tensor,
+        level_hook: LevelHook | None = None,
+        collect: bool = True,
+        mid_hook: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """conv_in -> mid -> up levels. Returns the last-level feature (B, ch*ch_mult[0], H, W) and ``feats``.
 
         ``level_hook(i_level, h) -> h`` (optional) runs after the blocks of every level below the bottleneck,
         before its upsample; ``feats`` collects ``h`` before the hook (empty when ``collect`` is False).
+        ``mid_hook(h) -> h`` (optional) runs on the bottleneck feature (B, ch*ch_mult[-1], h, w) right after
+        ``mid`` (the decoder NAT's insertion point, design/nat.md §4).
         """
         h = self.mid(self.conv_in(z))
+        if mid_hook is not None:
+            h = mid_hook(h)
         feats = []
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]

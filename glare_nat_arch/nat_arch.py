@@ -83,7 +83,8 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_codes))
 
     def forward(self, hidden: Tensor, table: Tensor) -> Tensor:
-        return self.norm(self.act(self.fc(hidden))) @ table.t() + self.bias
+        g = self.norm(self.act(self.fc(hidden)))
+        return torch.addmm(self.bias.to(g.dtype), g, table.t().to(g.dtype))  # one N_q x K allocation
 
 
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
@@ -123,7 +124,8 @@ class LatentNAT(nn.Module):
         tau: entropy threshold of the initial mask (None = 'auto', set by :meth:`calibrate`).
         rho_max: cap on the initially masked fraction.
         feedback: ``hard`` (``C[v^T]``) | ``soft`` (expected code under the committing distribution).
-        chunk: positions per distance block in the codebook search.
+        chunk: positions per distance block in the codebook search (memory ``chunk x K`` floats).
+        head_chunk: query rows per MLM-head block in :meth:`refine` (memory ``head_chunk x K`` floats).
     """
 
     def __init__(
@@ -151,7 +153,8 @@ class LatentNAT(nn.Module):
         tau: float | None = None,
         rho_max: float = 0.5,
         feedback: str = "hard",
-        chunk: int = 2048,
+        chunk: int = 1024,
+        head_chunk: int = 1024,
     ) -> None:
         super().__init__()
         if codebook_size < 2:
@@ -184,6 +187,7 @@ class LatentNAT(nn.Module):
         self.rho_max = float(rho_max)
         self.feedback = _choice("feedback", feedback, ("hard", "soft"))
         self.chunk = chunk
+        self.head_chunk = max(1, int(head_chunk))
         # calibrated scalars travel with the checkpoint; NaN means "not calibrated yet"
         self.register_buffer("dist_temp", _nan_or(dist_temp))
         self.register_buffer("tau", _nan_or(tau))
@@ -337,6 +341,38 @@ class LatentNAT(nn.Module):
         others = logp.scatter(1, pred[:, None], float("-inf")).amax(1)
         return chosen - others
 
+    def _decode_rows(
+        self, hidden: Tensor, current: Tensor, masked: Tensor, codebook: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per query row: prediction, confidence, expected code and normalised entropy of ``softmax(logits)``.
+
+        Rows (``hidden`` ``N_q x d``) go through the MLM head ``head_chunk`` at a time, so no ``N_q x K`` tensor is
+        ever built (memory: a few ``head_chunk x K`` float32 blocks). ``current`` (``N_q``) are the rows' tokens;
+        rows with ``masked`` False (``remask_scope='all'``) keep their token as the prediction.
+
+        Returns ``pred`` (int64), ``conf``, ``soft`` (``N_q x code_dim``) and ``entropy``, all float32 but ``pred``.
+        """
+        table = self.tok_emb.weight[: self.codebook_size]
+        book = codebook.float()
+        preds, confs, softs, ents = [], [], [], []
+        for start in range(0, hidden.shape[0], self.head_chunk):
+            rows = slice(start, start + self.head_chunk)
+            logp = torch.log_softmax(self.head(hidden[rows], table), dim=-1, dtype=torch.float32)
+            if self.sample_temp > 0:
+                pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
+            else:
+                pred = logp.argmax(1)
+            pred = torch.where(masked[rows], pred, current[rows])
+            confs.append(self._confidence(logp, pred))
+            probs = logp.exp_()  # logp is not needed any more: reuse its memory
+            softs.append(probs @ book)
+            ents.append(normalized_entropy(probs))
+            preds.append(pred)
+        if not preds:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return current.new_zeros(0), empty, empty.new_zeros(0, book.shape[1]), empty
+        return torch.cat(preds), torch.cat(confs), torch.cat(softs), torch.cat(ents)
+
     def refine(
         self,
         x_hat: Tensor,
@@ -389,21 +425,15 @@ class LatentNAT(nn.Module):
                 break
             query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
             rounds += 1
-            logits = self.logits(v.reshape(b, h, w), x_hat, color_map, cond, ent, query.reshape(b, h, w))
-            logp = logits.float().log_softmax(-1)  # N_q x K
-            if self.sample_temp > 0:
-                pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
-            else:
-                pred = logp.argmax(1)
-            pred = torch.where(mask[query], pred, v[query])  # visible queries (scope 'all') keep their token
-            conf = self._confidence(logp, pred)
+            hidden = self.features(v.reshape(b, h, w), x_hat, color_map, cond, ent)[query.reshape(b, h, w)]
+            pred, conf, soft_q, ent_q = self._decode_rows(hidden, v[query], mask[query], codebook, generator)
             if self.choice_temp > 0:
                 conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(
                     conf.shape, conf.device, generator
                 )
 
             n_t = still_masked_counts(n0, mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
-            scores = torch.full((b, n), float("inf"), device=logp.device)
+            scores = torch.full((b, n), float("inf"), device=conf.device)
             scores[query] = conf
             new_mask = topk_mask(scores, n_t, largest=False)
 
@@ -411,9 +441,8 @@ class LatentNAT(nn.Module):
             pred_full[query] = pred
             committed = mask & ~new_mask
             committed_q = committed[query]
-            probs = logp[committed_q].exp()
-            soft = soft.index_put((committed,), (probs @ codebook.float()).to(soft.dtype))
-            commit_ent[committed] = normalized_entropy(probs).to(commit_ent.dtype)
+            soft = soft.index_put((committed,), soft_q[committed_q].to(soft.dtype))
+            commit_ent[committed] = ent_q[committed_q].to(commit_ent.dtype)
             v = torch.where(new_mask, k_mask, pred_full)
             mask = new_mask
             union |= new_mask
@@ -569,5 +598,9 @@ class DecoderNAT(nn.Module):
         delta = F.pixel_shuffle(x.transpose(1, 2).reshape(b, -1, hp, wp), p)[:, :, :hh, :ww]
         if self.residual == "all":
             return h + delta, mask
-        up = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None, :hh, :ww]
-        return torch.where(up, h + delta, h), mask
+        return torch.where(self.expand_mask(mask, hh, ww), h + delta, h), mask
+
+    def expand_mask(self, mask: Tensor, height: int, width: int) -> Tensor:
+        """Patch mask ``B x h_p x w_p`` -> per-pixel bool ``B x 1 x height x width`` (padding cropped)."""
+        p = self.patch
+        return mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None, :height, :width]

@@ -306,7 +306,8 @@ def sample_train_mask(
     Args:
         entropy: ``B x h x w`` normalised entropy.
         r_min, r_max: bounds of ``r ~ U(r_min, r_max)`` (``r_dist='uniform'``); ``'maskgit_cos'`` draws
-            ``r = cos(pi u / 2)``, ``u ~ U[0, 1)`` instead and ignores the bounds.
+            ``r = cos(pi u / 2)``, ``u ~ U[0, 1)`` and ``'beta_12_3'`` draws ``r ~ Beta(12, 3)`` (AutoNAT) instead;
+            both ignore the bounds.
         beta_entropy: 0 = uniform random positions; ``inf`` = pure top-entropy.
         generator: RNG for ``r`` and the Gumbel noise.
 
@@ -323,8 +324,10 @@ def sample_train_mask(
         r = r_min + (r_max - r_min) * u
     elif r_dist == "maskgit_cos":
         r = torch.cos(math.pi * u / 2)
+    elif r_dist == "beta_12_3":  # AutoNAT: Beta(12, 3) = 12th smallest of 14 uniforms (exact, generator-driven)
+        r = torch.rand(b, 14, device=flat.device, generator=generator, dtype=torch.float64).sort(dim=1).values[:, 11]
     else:
-        raise ValueError(f"unknown r_dist {r_dist!r}; choose 'uniform' or 'maskgit_cos'")
+        raise ValueError(f"unknown r_dist {r_dist!r}; choose 'uniform', 'maskgit_cos' or 'beta_12_3'")
     counts = torch.round(r * n).long().clamp(1, n)
     g = gumbel_noise(flat.shape, flat.device, generator)
     if math.isinf(beta_entropy):  # pure entropy order; the Gumbel draw only breaks ties (lexicographic)

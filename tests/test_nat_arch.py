@@ -49,12 +49,13 @@ def inputs(b: int = 2, h: int = 7, w: int = 9, seed: int = 1):
 
 
 class MaxTensorSize(TorchDispatchMode):
-    """Records the largest tensor any aten op produces, and the op names."""
+    """Records the largest tensor any aten op produces, the op names and the output shapes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.max_numel = 0
         self.ops: set[str] = set()
+        self.shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -62,6 +63,7 @@ class MaxTensorSize(TorchDispatchMode):
         for o in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(o, torch.Tensor):
                 self.max_numel = max(self.max_numel, o.numel())
+                self.shapes.add(tuple(o.shape))
         return out
 
 
@@ -285,6 +287,20 @@ def test_train_mask_counts_bias_and_determinism():
     assert many[biased].mean() > many[uniform].mean() + 0.15
 
 
+def test_train_mask_ratio_distributions():
+    ent = torch.zeros(4000, 1, 100)
+    counts = {}
+    for r_dist in ("uniform", "maskgit_cos", "beta_12_3"):
+        m = sample_train_mask(ent, 0.05, 0.6, 0.0, torch.Generator().manual_seed(3), r_dist=r_dist)
+        counts[r_dist] = m.reshape(4000, -1).sum(1).double() / 100
+    assert abs(counts["uniform"].mean() - 0.325) < 0.01 and counts["uniform"].min() >= 0.05
+    assert abs(counts["maskgit_cos"].mean() - 2 / math.pi) < 0.015  # E[cos(pi u / 2)] = 2 / pi
+    beta = counts["beta_12_3"]  # Beta(12, 3): mean 0.8, sd 0.1
+    assert abs(beta.mean() - 0.8) < 0.01 and abs(beta.std() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="r_dist"):
+        sample_train_mask(ent[:1], r_dist="beta")
+
+
 # ---------------------------------------------------------------- Algorithm B
 def test_nothing_masked_returns_flow_output_bit_identical():
     net = tiny_latent_nat(tau=1.0)
@@ -342,6 +358,21 @@ def test_greedy_refine_is_deterministic_and_sampling_follows_generator():
     assert not torch.equal(s1["codes"], s3["codes"])
     assert not torch.equal(s1["codes"], a["codes"])
     assert not s1["masks"][-1].any() and torch.equal(s1["codes"][~s1["mask_init"]], a["codes_init"][~a["mask_init"]])
+
+
+def test_refine_never_builds_the_full_query_by_codebook_logits():
+    x_hat, codebook, color_map, cond = inputs(b=2, h=12, w=14)
+    kw = dict(tau=0.0, rho_max=0.5, dim=16)  # dim != K, so (rows x K) tensors are the head's only
+    whole = tiny_latent_nat(**kw, head_chunk=4096, chunk=4096).refine(x_hat, codebook, color_map, cond)
+    small = tiny_latent_nat(**kw, head_chunk=8, chunk=16)
+    with torch.no_grad(), MaxTensorSize() as rec:
+        out = small.refine(x_hat, codebook, color_map, cond)
+    n_q = int(out["mask_init"].sum())
+    rows_by_k = [s[0] for s in rec.shapes if len(s) == 2 and s[1] == K]  # (rows x codebook) blocks
+    assert n_q == 2 * 84 and rows_by_k and max(rows_by_k) == 16  # never N_q x K (168 x 32) at once
+    assert torch.equal(out["codes"], whole["codes"]) and torch.equal(out["masks"][0], whole["masks"][0])
+    assert torch.allclose(out["soft_codes"], whole["soft_codes"], atol=1e-6)
+    assert torch.allclose(out["uncertainty"], whole["uncertainty"], atol=1e-6)
 
 
 def test_remask_scope_all_may_revise_committed_tokens():

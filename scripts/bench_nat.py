@@ -1,0 +1,407 @@
+"""Latency and peak memory of GLARE's inference paths with and without the NAT refiners (design/nat.md §5.5).
+
+Paths, batch 1, one run of this script (ratios are taken within the run):
+
+* ``stage II``: ``E_c`` -> reverse flow -> VQGAN decoder RGB (GLARE Stage II);
+* ``stage II + NAT-II``: the same with the latent NAT between flow and decoder (:meth:`GLARENATFlowNet.enhance`);
+* ``stage III``: full GLARE (:class:`GLARENet`);
+* ``stage III + NAT-II`` and ``stage III + NAT-II + NAT-III``: :class:`GLARENATNet`;
+* ``NAT-II only`` / ``NAT-III only``: the refiners alone on precomputed inputs.
+
+Networks have the official GLARE sizes and the nat.md §6.1 NAT defaults, with random weights (no checkpoint is
+needed: latency and memory do not depend on the weights, except through the masked fraction, which is fixed by
+calibrating ``tau`` / ``tau3`` on the input to the spec's ``rho_target`` = 25%). ``--tiny`` uses tiny networks (CI
+smoke test).
+
+Latency: mean (and sd) of ``--runs`` timed runs after ``--warmup`` runs (CUDA events on a GPU). Peak memory: bytes of
+the path's weights plus the peak of the tensors its forward allocates (CUDA: ``max_memory_allocated`` minus the
+memory allocated before the call; CPU: live tensor storages tracked op by op, kernel scratch space excluded).
+Overheads are ``nat / base - 1`` against the targets of the seeds (10% latency, 12% memory).
+
+Usage::
+
+    python scripts/bench_nat.py                          # CUDA if available (600x400 and 1920x1080), else CPU
+    python scripts/bench_nat.py --device cpu --sizes 600x400 --warmup 1 --runs 2
+    python scripts/bench_nat.py --tiny --device cpu      # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
+from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
+from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
+from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
+from glare_nat_models.perf import measure as perf_measure  # noqa: E402
+
+TARGETS = {"latency": 0.10, "memory": 0.12}
+
+OFFICIAL = {
+    "vq": {},  # GLAREVQGAN defaults = official (ch 128, ch_mult [1,2,4], K 8192, d 3)
+    "glare": {},  # GLARENet defaults = official
+    "nat2": {},  # nat.md §6.1 defaults
+    "nat3": {"enable": True},
+}
+TINY = {
+    "vq": {"ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "n_embed": 64},
+    "glare": {
+        "ch": 32,
+        "ch_mult": [1, 1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "cond_channels": 8,
+        "flow_hidden_channels": 8,
+        "flow_L": 1,
+        "flow_K": 2,
+        "flow_n_extra_steps": 1,
+        "flow_unused_f_in": 4,
+        "flow_unused_f_out": 4,
+    },
+    "nat2": {"model": {"dim": 32, "depth": 1, "heads": 2}, "uncertainty": {"knn": 16}},
+    "nat3": {"enable": True, "model": {"dim": 32, "depth": 1, "heads": 2}},
+}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated inside the mode and still alive (a CPU peak-memory probe).
+
+    Outputs that share an input's storage (views, in-place ops) are not allocations and are not counted, so
+    weights that existed before the mode never are.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = id(storage), storage.nbytes()
+            if key in self._seen or key in inputs or nbytes == 0:  # views / in-place results are not allocations
+                continue
+            self._seen.add(key)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (shared tensors counted once)."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def build(tiny: bool, device: torch.device) -> tuple[GLAREVQGAN, GLARENATNet, GLARENATFlowNet]:
+    """VQGAN, Stage-III + NATs and Stage-II + NAT-II networks (shared GLARE / NAT-II weights), eval mode."""
+    cfg = TINY if tiny else OFFICIAL
+    with device:  # initialise on the target device (fast on a GPU)
+        return _build(cfg, device)
+
+
+def _build(cfg: dict, device: torch.device) -> tuple[GLAREVQGAN, GLARENATNet, GLARENATFlowNet]:
+    vq = GLAREVQGAN(**cfg["vq"])
+    k = vq.quantize.n_e
+    net = GLARENATNet(**cfg["glare"], codebook_size=k, nat2=cfg["nat2"], nat3=cfg["nat3"])
+    flow = GLARENATFlowNet(**cfg["glare"], codebook_size=k, nat2=cfg["nat2"])
+    shared = {n: v for n, v in net.state_dict().items() if n.startswith(("RRDB.", "flowUpsamplerNet.", "nat2."))}
+    flow.load_state_dict(shared, strict=True)
+    return vq.to(device).eval(), net.to(device).eval(), flow.to(device).eval()
+
+
+@torch.no_grad()
+def calibrate(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor) -> dict[str, float]:
+    """Codebook spread like the flow output, then ``dist_temp`` / ``tau`` / ``tau3`` on ``x`` (25% masked)."""
+    rev = net.reverse(x)
+    z = rev["z_hat"].float()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    book = torch.randn(vq.quantize.embedding.weight.shape, generator=gen) * z.std().item() + z.mean().item()
+    vq.quantize.embedding.weight.copy_(book.to(z.device))
+    cb = vqgan_codebook(vq)
+    rho = net.nat2_cfg["uncertainty"]["rho_target"]
+    values = net.nat2.calibrate(z, cb, rho)
+    values["tau3"] = net.nat3.calibrate(net.refine_latent(rev, cb)["uncertainty"], rho)
+    flow.nat2.load_state_dict(net.nat2.state_dict())
+    return values
+
+
+@contextlib.contextmanager
+def without_nat3(net: GLARENATNet):
+    nat3, net.nat3 = net.nat3, None
+    try:
+        yield
+    finally:
+        net.nat3 = nat3
+
+
+def make_paths(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor) -> dict[str, tuple]:
+    """``{name: (fn(x), modules whose weights it uses, base path name or None)}``."""
+    cb = vqgan_codebook(vq)
+    with torch.no_grad():
+        rev = net.reverse(x)
+        lat = net.refine_latent(rev, cb)
+        mid_channels = net.deformable_decoder.conv_in.out_channels
+        h_mid = torch.randn(x.shape[0], mid_channels, *rev["z_hat"].shape[-2:], device=x.device)
+
+    def stage3_latent(x: Tensor) -> Tensor:
+        with without_nat3(net):
+            return net(x, vq)
+
+    def nat2_only(_: Tensor) -> Tensor:
+        return net.refine_latent(rev, cb)["z_nl"]
+
+    def nat3_only(_: Tensor) -> Tensor:
+        return net.nat3(h_mid, rev["cond"], lat["uncertainty"])[0]
+
+    glare3 = [net.RRDB, net.flowUpsamplerNet, net.deformable_decoder, vq]
+    glare2 = [flow.RRDB, flow.flowUpsamplerNet, vq]
+    return {
+        "stage II": (lambda x: vq.decode(flow.reverse(x)["z_hat"])[0], glare2, None),
+        "stage II + NAT-II": (lambda x: flow.enhance(x, vq), glare2 + [flow.nat2], "stage II"),
+        "stage III": (lambda x: GLARENet.forward(net, x, vq), glare3, None),
+        "stage III + NAT-II": (stage3_latent, glare3 + [net.nat2], "stage III"),
+        "stage III + NAT-II + NAT-III": (lambda x: net(x, vq), glare3 + [net.nat2, net.nat3], "stage III"),
+        "NAT-II only": (nat2_only, [net.nat2], None),
+        "NAT-III only": (nat3_only, [net.nat3], None),
+    }
+
+
+def autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
+
+
+@torch.no_grad()
+@torch.no_grad()
+def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, amp: str | None) -> dict[str, float]:
+    """Latency (ms: wall mean, sd, median; process CPU-time median) and peak activation bytes of ``fn(x)``.
+
+    Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; on the CPU the activation peak is
+    the peak of live tensor storages during one more call (:class:`LiveTensorBytes`).
+    """
+    dev = x.device
+    with autocast(dev, amp):
+        m = perf_measure(lambda: fn(x), dev, warmup=warmup, repeats=runs)
+        if dev.type == "cuda":
+            act = m.peak_bytes - m.base_bytes
+        else:
+            with LiveTensorBytes() as probe:
+                fn(x)
+            act = probe.peak
+    del m.output
+    ms = [t * 1e3 for t in m.times]
+    return {
+        "ms": statistics.fmean(ms),
+        "ms_sd": statistics.stdev(ms) if len(ms) > 1 else 0.0,
+        "ms_median": statistics.median(ms),
+        "cpu_ms_median": m.cpu_median * 1e3,
+        "act_bytes": act,
+    }
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 600x400 (width x height), got {text!r}") from None
+    if w < 4 or h < 4:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small")
+    return w, h
+
+
+MIB = 1024.0**2
+
+
+def header_lines(results: dict) -> list[str]:
+    cpu = results["device_type"] != "cuda"
+    return [
+        f"device: {results['device']} | torch {results['torch']} | amp: {results['amp'] or 'off (float32)'} | "
+        f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, NAT defaults (nat.md §6.1), "
+        "random weights",
+        f"warmup {results['warmup']}, runs {results['runs']}; memory = weights + peak of the forward's tensors "
+        f"({'live CPU tensor storages' if cpu else 'max_memory_allocated'})",
+        f"targets: latency overhead <= {TARGETS['latency']:.0%}, memory overhead <= {TARGETS['memory']:.0%} "
+        "(overhead = path with NAT / same path without NAT - 1"
+        + ("; CPU: latency = wall ms (process CPU ms), overhead from CPU time)" if cpu else "; mean ± sd ms)"),
+    ]
+
+
+def size_lines(info: dict) -> list[str]:
+    return [
+        "",
+        f"== {info['size']} (latent {info['latent'][0]}x{info['latent'][1]}; NAT-II masks "
+        f"{info['nat2_masked_frac']:.1%} of the positions in {info['nat2_rounds']} rounds, NAT-III "
+        f"{info['nat3_masked_frac']:.1%} of the patches)",
+        f"{'path':<30}{'latency ms':>18}{'weights MiB':>13}{'activ. MiB':>12}{'peak MiB':>11}"
+        f"{'latency +':>14}{'memory +':>14}",
+    ]
+
+
+def path_line(name: str, r: dict, cpu: bool) -> str:
+    over = ""
+    if r["base"] is not None:
+        for key, target in TARGETS.items():
+            value = r[f"{key}_overhead"]
+            cell = f"{value:+.1%} {'ok' if value <= target else 'OVER'}"
+            over += f"{cell:>14}"
+    lat = f"{r['ms']:.2f} ± {r['ms_sd']:.2f}"
+    if cpu:
+        lat = f"{r['ms_median']:.0f} ({r['cpu_ms_median']:.0f} cpu)"
+    return (
+        f"{name:<30}{lat:>18}{r['weight_bytes'] / MIB:>13.1f}{r['act_bytes'] / MIB:>12.1f}"
+        f"{r['peak_bytes'] / MIB:>11.1f}{over}"
+    )
+
+
+def bench_size(vq, net, flow, size, args, device, emit: Callable[[str], None]) -> dict:
+    """Measure every path at ``size`` (W, H); each table line is passed to ``emit`` as soon as it is known."""
+    w, h = size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    with autocast(device, args.amp):
+        cal = calibrate(vq, net, flow, x)
+        with torch.no_grad():
+            ref = net(x, vq, return_intermediates=True)
+    info = {
+        "size": f"{w}x{h}",
+        "latent": list(ref["z_hat"].shape[-2:]),
+        "nat2_masked_frac": float(ref["refine"]["mask_init"].float().mean()),
+        "nat2_rounds": int(ref["refine"]["rounds"]),
+        "nat3_masked_frac": float(ref["nat3_mask"].float().mean()),
+        "calibration": cal,
+        "paths": {},
+    }
+    del ref
+    for line in size_lines(info):
+        emit(line)
+    for name, (fn, modules, base) in make_paths(vq, net, flow, x).items():
+        res = measure(fn, x, args.warmup, args.runs, args.amp)
+        res["weight_bytes"] = module_bytes(*modules)
+        res["peak_bytes"] = res["weight_bytes"] + res["act_bytes"]
+        res["base"] = base
+        if base is not None:
+            b = info["paths"][base]
+            key = "ms" if device.type == "cuda" else "cpu_ms_median"  # CPU: process time, robust to other load
+            res["latency_overhead"] = res[key] / b[key] - 1.0
+            res["memory_overhead"] = res["peak_bytes"] / b["peak_bytes"] - 1.0
+        info["paths"][name] = res
+        emit(path_line(name, res, device.type != "cuda"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--tiny", action="store_true", help="tiny networks and a 64x48 input (smoke test)")
+    p.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(v) for v in s.split(",")],
+        default=None,
+        help="comma-separated WxH (default: 600x400,1920x1080 on CUDA, 600x400 on CPU, 64x48 tiny)",
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs (default 20 CUDA, 1 CPU)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs (default 100 CUDA, 3 CPU)")
+    p.add_argument(
+        "--amp",
+        choices=["fp16", "bf16", "none"],
+        default=None,
+        help="autocast dtype (default fp16 on CUDA as the official test, none on CPU)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    cuda = device.type == "cuda"
+    args.amp = ("fp16" if cuda else None) if args.amp is None else (None if args.amp == "none" else args.amp)
+    args.warmup = (20 if cuda else 1) if args.warmup is None else args.warmup
+    args.runs = (100 if cuda else 3) if args.runs is None else args.runs
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be >= 1 and --warmup >= 0")
+    if args.sizes is None:
+        args.sizes = [(64, 48)] if args.tiny else ([(600, 400), (1920, 1080)] if cuda else [(600, 400)])
+
+    torch.manual_seed(args.seed)
+    print(f"building the networks on {device} ...", flush=True)
+    vq, net, flow = build(args.tiny, device)
+    name = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    results = {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "amp": args.amp,
+        "tiny": args.tiny,
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "sizes": [],
+    }
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    def save() -> None:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
+
+    for line in header_lines(results):
+        emit(line)
+    for size in args.sizes:
+        try:
+            results["sizes"].append(bench_size(vq, net, flow, size, args, device, emit))
+        except torch.cuda.OutOfMemoryError as e:
+            results["sizes"].append({"size": f"{size[0]}x{size[1]}", "error": f"out of GPU memory ({e})"[:200]})
+            emit(f"== {size[0]}x{size[1]}: out of GPU memory")
+            torch.cuda.empty_cache()
+        save()
+    return results
+
+
+if __name__ == "__main__":
+    main()
