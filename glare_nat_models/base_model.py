@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import types
 from collections import OrderedDict
@@ -100,6 +101,21 @@ def _amp_dtype(value: Any, key: str) -> torch.dtype | None:
     return _AMP_DTYPES[value]
 
 
+def set_deterministic(enabled: bool) -> None:
+    """Top-level option ``deterministic: true``: deterministic algorithms on GPU (cuDNN, cuBLAS, torch ops).
+
+    Ops without a deterministic CUDA kernel warn instead of failing (``warn_only``). On CPU, training with a fixed
+    ``manual_seed`` and ``num_worker_per_gpu: 0`` is already bit-for-bit repeatable (tests/test_models.py).
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    get_root_logger().info("deterministic: true -> torch.use_deterministic_algorithms(True), cudnn.deterministic")
+
+
 @MODEL_REGISTRY.register()
 class GLAREBaseModel(SRModel):
     """``SRModel`` plus AMP, gradient clipping, non-finite guard, atomic saves, strict loads and real freezing.
@@ -114,6 +130,7 @@ class GLAREBaseModel(SRModel):
 
     def __init__(self, opt: dict) -> None:
         BaseModel.__init__(self, opt)
+        set_deterministic(bool(opt.get("deterministic", False)))
         train_opt = opt.get("train") or {}
         val_opt = opt.get("val") or {}
         self.amp_dtype = self._resolve_amp(_amp_dtype(train_opt.get("amp"), "train.amp") if self.is_train else None)

@@ -445,3 +445,22 @@ def _plain(obj):
     if isinstance(obj, list):
         return [_plain(v) for v in obj]
     return obj
+
+
+@pytest.mark.parametrize("name", STAGES[1:])
+def test_fixed_seed_training_is_bit_for_bit_repeatable_on_cpu(name, tmp_path, ckpts):
+    from basicsr.utils import set_random_seed
+
+    finals = []
+    for run in range(2):
+        set_random_seed(10)
+        opt = make_opt(name, tmp_path / f"run{run}", ckpts)
+        opt["deterministic"] = True  # the GPU switch; must be harmless on CPU
+        model = build_model(opt)
+        for it in (1, 2):
+            model.feed_data(batch(it))
+            model.optimize_parameters(it)
+        finals.append(snapshot(model.net_g))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    torch.use_deterministic_algorithms(False)
