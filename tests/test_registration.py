@@ -6,11 +6,19 @@ from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTR
 import glare_nat_models  # noqa: F401  (registers archs, data, models, losses, metrics)
 
 OURS = {
-    ARCH_REGISTRY: ["GLAREVQGAN", "GLAREFlowNet", "GLARENet", "PatchGANDiscriminator", "LatentNAT", "DecoderNAT"],
+    ARCH_REGISTRY: ["GLAREVQGAN", "GLAREFlowNet", "GLARENet", "PatchGANDiscriminator", "LatentNAT", "DecoderNAT"]
+    + ["GLARENATFlowNet", "GLARENATNet"],
     DATASET_REGISTRY: ["LOLPairedDataset", "LOLUnpairedDataset"],
-    METRIC_REGISTRY: ["calculate_psnr_gtmean", "calculate_ssim_gtmean", "calculate_lpips"],
-    LOSS_REGISTRY: ["MSSSIMLoss", "VGG16PerceptualLoss", "LPIPSLoss"],
-    MODEL_REGISTRY: ["VQGANModel", "GLAREFlowModel", "GLAREAFTModel"],
+    METRIC_REGISTRY: ["calculate_psnr_gtmean", "calculate_ssim_gtmean", "calculate_lpips", "calculate_lpips_gtmean"],
+    LOSS_REGISTRY: ["MSSSIMLoss", "VGG16PerceptualLoss", "LPIPSLoss", "HingeGANLoss"],
+    MODEL_REGISTRY: [
+        "GLAREBaseModel",
+        "VQGANModel",
+        "GLAREFlowModel",
+        "GLAREAFTModel",
+        "GLARENATModel",
+        "GLARENATAFTModel",
+    ],
 }
 
 
