@@ -64,6 +64,7 @@ __all__ = [
     "load_resume_state",
     "capture_rng_states",
     "restore_rng_states",
+    "training_state",
     "rng_states_for_this_rank",
     "dist_backend",
     "init_dist",
@@ -456,19 +457,24 @@ def _wrap_build_model(original):
 
 
 # ---------------------------------------------------------------- stock model methods (shims 9, 10)
+def training_state(model: Any, epoch: int, current_iter: int) -> dict[str, Any]:
+    """The stock ``<iter>.state`` content (epoch, iter, optimizer and scheduler states) plus ``rng_states``."""
+    return {
+        "epoch": epoch,
+        "iter": current_iter,
+        "optimizers": [o.state_dict() for o in model.optimizers],
+        "schedulers": [s.state_dict() for s in model.schedulers],
+        "rng_states": capture_rng_states(),  # exact resume (shim 6)
+    }
+
+
 def save_training_state(self, epoch: int, current_iter: int) -> None:
     """Stock ``BaseModel.save_training_state`` plus ``rng_states``, written atomically (rank 0 only)."""
     import torch
 
     if current_iter == -1:
         return
-    state = {
-        "epoch": epoch,
-        "iter": current_iter,
-        "optimizers": [o.state_dict() for o in self.optimizers],
-        "schedulers": [s.state_dict() for s in self.schedulers],
-        "rng_states": capture_rng_states(),
-    }
+    state = training_state(self, epoch, current_iter)
     path = os.path.join(self.opt["path"]["training_states"], f"{current_iter}.state")
     tmp = f"{path}.tmp"
     try:

@@ -48,7 +48,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 from tqdm import tqdm
 
-from glare_nat_arch.compat import capture_rng_states
+from glare_nat_arch.compat import training_state
 from glare_nat_models.checkpoint import atomic_torch_save, load_network_file
 
 __all__ = ["GLAREBaseModel", "keep_in_eval", "freeze_module", "image_loss"]
@@ -517,13 +517,7 @@ class GLAREBaseModel(SRModel):
         """Stock ``<iter>.state`` + RNG states (+ GradScaler states when fp16 is on), written atomically."""
         if current_iter == -1:
             return
-        state = {
-            "epoch": epoch,
-            "iter": current_iter,
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "rng_states": capture_rng_states(),  # exact resume (glare_nat_arch.compat, shim 6)
-        }
+        state = training_state(self, epoch, current_iter)  # stock content + RNG states (exact resume)
         if self._scalers:
             state["scalers"] = {k: s.state_dict() for k, s in self._scalers.items()}
         save_path = osp.join(self.opt["path"]["training_states"], f"{current_iter}.state")
