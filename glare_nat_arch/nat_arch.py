@@ -316,17 +316,8 @@ class LatentNAT(nn.Module):
             )
         return {"dist_temp": float(self.dist_temp), "tau": float(self.tau)}
 
-    @staticmethod
-    def train_mask(
-        entropy: Tensor,
-        r_min: float = 0.05,
-        r_max: float = 0.6,
-        beta_entropy: float = 4.0,
-        generator: torch.Generator | None = None,
-        r_dist: str = "uniform",
-    ) -> Tensor:
-        """Training mask ``B x h x w`` (nat.md §3.8.3); see :func:`sample_train_mask`."""
-        return sample_train_mask(entropy, r_min, r_max, beta_entropy, generator, r_dist)
+    #: Training mask ``B x h x w`` (nat.md §3.8.3): :func:`~glare_nat_arch.nat_uncertainty.sample_train_mask`.
+    train_mask = staticmethod(sample_train_mask)
 
     masked_ce_loss = staticmethod(masked_ce_loss)
 
