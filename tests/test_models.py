@@ -26,15 +26,6 @@ DATA = Path(__file__).resolve().parent / "data"
 STAGES = ("tiny_stage1_vqgan.yml", "tiny_stage2_flow.yml", "tiny_stage3_aft.yml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread is faster and immune to OpenMP spin contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_yaml(name: str) -> dict:
     with open(DATA / name, encoding="utf-8") as f:
         return yaml.load(f, Loader=ordered_yaml()[0])

@@ -61,14 +61,6 @@ nat3:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_yaml(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return yaml.load(f, Loader=ordered_yaml()[0])
