@@ -174,9 +174,9 @@ def write_report(timings: list[tuple[str, float]]) -> Path:
         lines += ["Protocol definitions:", ""]
         lines += [f"- **{k}**: {v}" for k, v in definitions.items() if k in ("plain", "gtmean")]
         lines.append("")
-    nat_stats = sorted((ROOT / "experiments").glob("demo_stage2_nat/nat_val_stats*.json"))
-    if nat_stats:
-        stats = json.loads(nat_stats[-1].read_text())
+    nat_stats = ROOT / "experiments" / "demo_stage2_nat" / "nat_val_stats_latest.json"  # written by GLARENATModel
+    if nat_stats.is_file():
+        stats = json.loads(nat_stats.read_text())
         lines += ["## NAT validation statistics (held-out training pairs)", ""]
         lines += ["| statistic | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items()]
