@@ -21,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from basicsr.archs.arch_util import DCNv2Pack
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Normalize, swish
+from glare_nat_arch.blocks import Decoder, Normalize, can_write_inplace, swish_tmp
+from glare_nat_arch.deform import LeanDCNv2Pack
 
 __all__ = ["Mix", "WarpBlock", "MultiScaleDecoder"]
 
@@ -36,8 +37,12 @@ class Mix(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.tensor([float(init)]))
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def forward(self, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+        """``a``, ``b`` (B, C, H, W) -> (B, C, H, W). ``inplace`` (inference only; ``b`` must be a temporary the
+        caller owns): ``b.lerp_(a, m)`` = ``b + m (a - b)``, the same mix without allocating (float rounding)."""
         m = torch.sigmoid(self.w).to(a.dtype)
+        if inplace and can_write_inplace(b, a):
+            return b.lerp_(a, m)
         return a * m + b * (1 - m)
 
 
@@ -45,16 +50,38 @@ class WarpBlock(nn.Module):
     """Deformable warp of the NL-decoder feature guided by the MF-decoder feature.
 
     ``offset``: Conv3x3 2C -> C on ``cat([n, h])``; ``dcn``: BasicSR ``DCNv2Pack`` (3x3, 4 deformable groups) applied
-    to ``n`` with offsets/masks computed from that feature. Shapes: n, h (B, C, H, W) -> (B, C, H, W).
+    to ``n`` with offsets/masks computed from that feature, as :class:`~glare_nat_arch.deform.LeanDCNv2Pack` (same
+    keys; ``dcn_impl`` / ``dcn_im2col_budget_mb`` choose its kernel). Shapes: n, h (B, C, H, W) -> (B, C, H, W).
     """
 
-    def __init__(self, channels: int, deformable_groups: int = 4):
+    def __init__(
+        self, channels: int, deformable_groups: int = 4, dcn_impl: str = "auto", dcn_im2col_budget_mb: float = 256.0
+    ):
         super().__init__()
         self.offset = nn.Conv2d(2 * channels, channels, 3, 1, 1)
-        self.dcn = DCNv2Pack(channels, channels, 3, padding=1, deformable_groups=deformable_groups)
+        self.dcn = LeanDCNv2Pack(
+            channels,
+            channels,
+            3,
+            padding=1,
+            deformable_groups=deformable_groups,
+            impl=dcn_impl,
+            im2col_budget_mb=dcn_im2col_budget_mb,
+        )
+
+    def offset_feature(self, n: Tensor, h: Tensor) -> Tensor:
+        """``offset(cat([n, h]))`` (B, C, H, W), as two convolutions on the halves of the weight: the 2C-channel
+        concatenation is never allocated (same sum, float rounding)."""
+        c = n.shape[1]
+        w = self.offset.weight
+        out = F.conv2d(n, w[:, :c], self.offset.bias, padding=1)
+        other = F.conv2d(h, w[:, c:], None, padding=1)
+        return out.add_(other) if can_write_inplace(out, other) else out + other
 
     def forward(self, n: Tensor, h: Tensor) -> Tensor:
-        return self.dcn(n, self.offset(torch.cat([n, h], dim=1)))
+        if self.dcn.uses_tapwise(n):  # inference on a large map: the offset feature is freed before the sampling
+            return self.dcn.deform(n, self.dcn.conv_offset(self.offset_feature(n, h)))
+        return self.dcn(n, self.offset_feature(n, h))
 
 
 class _UnusedResBlock(nn.Module):
@@ -80,7 +107,9 @@ class MultiScaleDecoder(Decoder):
     Args: backbone arguments as :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
     level, coarse to fine (official -1.0, -0.6); ``per_sample_rescale``: if True the rescale ratio
     mean(h)/mean(u) is taken per sample (over C, H, W) instead of over the whole batch tensor (False = official,
-    which couples the samples of a batch); ``deformable_groups`` of the DCNs.
+    which couples the samples of a batch); ``deformable_groups`` of the DCNs; ``dcn_impl`` (``auto`` | ``im2col`` |
+    ``tapwise``) and ``dcn_im2col_budget_mb`` select the DCN kernel (:mod:`glare_nat_arch.deform`: ``auto`` keeps
+    BasicSR's kernel for training and switches to the memory-lean tap-wise sum at inference on large inputs).
 
     Unused parameters: the official checkpoint also stores ``conv_out`` (the backbone's RGB head), ``scale.{0,1}``,
     ``bias.{0,1}`` and ``enc.{0,1}``, which its forward never calls (5.33M params at official size; ``scale``/
@@ -105,6 +134,8 @@ class MultiScaleDecoder(Decoder):
         mix_init: Sequence[float] = (-1.0, -0.6),
         per_sample_rescale: bool = False,
         deformable_groups: int = 4,
+        dcn_impl: str = "auto",
+        dcn_im2col_budget_mb: float = 256.0,
     ):
         super().__init__(out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
         n_fused = len(ch_mult) - 1
@@ -112,7 +143,7 @@ class MultiScaleDecoder(Decoder):
             raise ValueError(f"mix_init needs {n_fused} values (one per fused level), got {list(mix_init)}")
         self.per_sample_rescale = per_sample_rescale
         fused_widths = [ch * ch_mult[i] for i in reversed(range(n_fused))]  # coarse to fine
-        self.warp = nn.ModuleList(WarpBlock(c, deformable_groups) for c in fused_widths)
+        self.warp = nn.ModuleList(WarpBlock(c, deformable_groups, dcn_impl, dcn_im2col_budget_mb) for c in fused_widths)
         self.mix = nn.ModuleList(Mix(m) for m in mix_init)
         self.residual_conv = nn.Conv2d(ch * ch_mult[0], out_ch, 3, 1, 1)
         # Unused official parameters (see class docstring).
@@ -134,22 +165,37 @@ class MultiScaleDecoder(Decoder):
         skips: Sequence[Tensor],
         intermediates: dict | None = None,
         mid_hook: Callable[[Tensor], Tensor] | None = None,
+        release_inputs: bool = False,
     ) -> Tensor:
         """See the class docstring. If ``intermediates`` is a dict it receives, per fused level ``l``,
         ``level{l}_h_pre``, ``level{l}_h_mix``, ``level{l}_u``, ``level{l}_mean_h_mix``, ``level{l}_mean_u``,
         ``level{l}_std_u`` and ``level{l}_h_post``. ``mid_hook(h) -> h`` (optional) transforms the bottleneck
-        feature after ``mid`` (see :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`)."""
+        feature after ``mid`` (see :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`).
+
+        Memory at inference (autograd off, no ``intermediates``): the mix and the rescale run in place, and with
+        ``release_inputs`` the entries of the ``nl_feats`` / ``skips`` lists (which the caller hands over) are set
+        to None once used, so each is freed as early as possible. Results are unchanged (float rounding)."""
         n_fused = len(self.warp)
         if len(nl_feats) != n_fused or len(skips) != n_fused:
             raise ValueError(
                 f"MultiScaleDecoder needs {n_fused} NL features and skips, got {len(nl_feats)}/{len(skips)}"
             )
+        if release_inputs and not (isinstance(nl_feats, list) and isinstance(skips, list)):
+            raise TypeError("MultiScaleDecoder: release_inputs needs nl_feats and skips as lists (handed over)")
+        inplace = intermediates is None
 
         def fuse(i_level: int, h: Tensor) -> Tensor:
             j = n_fused - 1 - i_level  # module / NL-feature index (coarse to fine)
-            h_mix = self.mix[j](skips[i_level], h)
+            h_mix = self.mix[j](skips[i_level], h, inplace=inplace)
+            if release_inputs:
+                skips[i_level] = None  # type: ignore[call-overload]
             u = self.warp[j](nl_feats[j], h_mix)
-            h_post = h_mix + u * self._ratio(h_mix, u)
+            if release_inputs:
+                nl_feats[j] = None  # type: ignore[call-overload]
+            ratio = self._ratio(h_mix, u)
+            if inplace and can_write_inplace(u, h_mix, ratio):
+                return u.mul_(ratio).add_(h_mix)  # = h_mix + u * ratio, in u's memory
+            h_post = h_mix + u * ratio
             if intermediates is not None:
                 p = f"level{i_level}_"
                 intermediates.update(
@@ -166,4 +212,4 @@ class MultiScaleDecoder(Decoder):
             return h_post
 
         h, _ = self.run_backbone(z, level_hook=fuse, collect=False, mid_hook=mid_hook)
-        return self.residual_conv(swish(self.norm_out(h)))
+        return self.residual_conv(swish_tmp(self.norm_out(h)))

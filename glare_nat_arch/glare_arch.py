@@ -186,8 +186,10 @@ class GLARENet(GLAREFlowNet):
     """GLARE Stage III (official ``VQLLFLOWDeformable``): Stage II plus the AFT decoder ``deformable_decoder``.
 
     Extra args: ``mix_init`` (official (-1.0, -0.6)), ``per_sample_rescale`` (False = official batch-global
-    rescale, see :class:`~glare_nat_arch.aft.MultiScaleDecoder`), ``out_ch``. ``D_MF`` uses the encoder's
-    ``ch``/``ch_mult``/``num_res_blocks``/``attn_resolutions`` (as the official code).
+    rescale, see :class:`~glare_nat_arch.aft.MultiScaleDecoder`), ``out_ch``, ``dcn_impl`` /
+    ``dcn_im2col_budget_mb`` (deformable-conv kernel, :mod:`glare_nat_arch.deform`; the default ``auto`` changes
+    memory, not results). ``D_MF`` uses the encoder's ``ch``/``ch_mult``/``num_res_blocks``/``attn_resolutions``
+    (as the official code).
 
     :meth:`load_official` accepts a full ``net_G.pth`` (824 tensors; its unused ``flowUpsamplerNet.f.0.*`` and
     ``deformable_decoder.{conv_out,scale,bias,enc}.*`` exist here as never-used parameters so that loading is
@@ -200,6 +202,8 @@ class GLARENet(GLAREFlowNet):
         out_ch: int = 3,
         mix_init: Sequence[float] = (-1.0, -0.6),
         per_sample_rescale: bool = False,
+        dcn_impl: str = "auto",
+        dcn_im2col_budget_mb: float = 256.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -208,6 +212,8 @@ class GLARENet(GLAREFlowNet):
             out_ch=out_ch,
             mix_init=mix_init,
             per_sample_rescale=per_sample_rescale,
+            dcn_impl=dcn_impl,
+            dcn_im2col_budget_mb=dcn_im2col_budget_mb,
             **enc.arch_kwargs,
         )
 
@@ -238,7 +244,9 @@ class GLARENet(GLAREFlowNet):
         else:
             _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False)
         inter: dict | None = {} if return_intermediates else None
-        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter)[..., :h, :w]
+        release = not return_intermediates  # hand the feature lists over: each map is freed once fused
+        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter, release_inputs=release)
+        out = out[..., :h, :w]
         if not return_intermediates:
             return out
         s0, s1 = rev["skips"][0], rev["skips"][1]

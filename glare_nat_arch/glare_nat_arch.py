@@ -276,23 +276,37 @@ class _LatentNATMixin:
     def refine_latent(self, rev: Mapping[str, Any], codebook: Tensor) -> dict[str, Any]:
         """Apply NAT-II to a reverse-flow result (``rev`` of :meth:`GLAREFlowNet.reverse`).
 
-        Returns dict: ``z_nl`` (NL-decoder input, ``B x d x h x w``), ``z_mf`` (``D_MF`` input), ``uncertainty``
-        (``B x h x w``, NAT-III's U, or None without ``nat2``) and ``refine`` (the
-        :meth:`LatentNAT.refine` dict, or None when NAT-II is not applied).
+        Returns dict: ``z_nl`` (NL-decoder input, ``B x d x h x w``), ``quant_nl`` (its quantisation
+        ``C[v^T]``, known from the decoding, or None when nothing was refined: then quantise ``z_nl``), ``z_mf``
+        (``D_MF`` input), ``uncertainty`` (``B x h x w``, NAT-III's U; None without ``nat2``, and None from NAT-II
+        when this network has no NAT-III) and ``refine`` (the :meth:`LatentNAT.refine` dict, or None when NAT-II is
+        not applied).
         """
         z_hat = rev["z_hat"]
         if self.nat2 is None:
-            return {"z_nl": z_hat, "z_mf": z_hat, "uncertainty": None, "refine": None}
+            return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": None, "refine": None}
         if not self.nat2_enabled:  # kept only for NAT-III's uncertainty map (NAT-III only)
             unc = self.nat2.uncertainty(z_hat, codebook).entropy
-            return {"z_nl": z_hat, "z_mf": z_hat, "uncertainty": unc, "refine": None}
-        ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"])
+            return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": unc, "refine": None}
+        need_u = getattr(self, "nat3", None) is not None
+        ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u)
         if ref["z_out"] is z_hat:  # nothing masked: GLARE's own latent for both decoders
-            z_nl = z_hat
+            z_nl, quant_nl = z_hat, None
         else:
             z_nl = torch.where(ref["mask_union"][:, None], ref["z_q"].to(z_hat.dtype), z_hat)
+            # never-masked positions keep v0 = the quantiser's nearest code of z_hat, so C[v^T] is z_nl quantised:
+            # no second nearest-code search over the K codes
+            quant_nl = ref["z_q"].to(z_hat.dtype)
         z_mf = ref["z_out"] if self.mf_input == "refined" else z_hat
-        return {"z_nl": z_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
+        return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
+
+    @staticmethod
+    def decode_nl(vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool) -> tuple[Tensor | None, list[Tensor]]:
+        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb or None, [n1, n0])``."""
+        quant = lat.get("quant_nl")
+        if quant is None:
+            quant, _, _ = vqgan.quantize_latent(lat["z_nl"])
+        return vqgan.decode_quant(quant, return_rgb=return_rgb)
 
 
 @ARCH_REGISTRY.register()
@@ -318,7 +332,7 @@ class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
         x, (h, w) = pad_to_multiple(lq, self.downscale)
         rev = {k: v for k, v in self.reverse(x).items() if k in ("z_hat", "cond", "color_map")}  # skips freed
         lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        rgb, _, _ = vqgan.decode(lat["z_nl"], return_rgb=True)
+        rgb, _ = self.decode_nl(vqgan, lat, return_rgb=True)
         out = rgb[..., :h, :w]
         if not return_intermediates:
             return out
@@ -406,18 +420,16 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
         x, (h, w) = pad_to_multiple(lq, self.downscale)
         rev = self.reverse(x)
         lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        if return_intermediates:
-            quant, _, _ = vqgan.quantize_latent(lat["z_nl"])
-            dnl_rgb, nl_feats = vqgan.decode_quant(quant, return_rgb=True)
-        else:
-            _, _, nl_feats = vqgan.decode(lat["z_nl"], return_rgb=False)
+        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates)
         info: dict[str, Tensor] = {}
         hook = None
         if self.nat3 is not None:
             record = info if return_intermediates else None
             hook = self._nat3_hook(rev["cond"], lat["uncertainty"], nat3_random_r_max, generator, record)
         inter: dict | None = {} if return_intermediates else None
-        out = self.deformable_decoder(lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=hook)
+        out = self.deformable_decoder(
+            lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=hook, release_inputs=inter is None
+        )
         out = out[..., :h, :w]
         if not return_intermediates:
             return out

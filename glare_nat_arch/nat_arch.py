@@ -225,16 +225,12 @@ class LatentNAT(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"LatentNAT: {name} must have shape {shape} (from tokens), got {tuple(t.shape)}")
 
-    def features(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> Tensor:
-        """Per-position hidden states ``B x h x w x dim`` (before the MLM head).
-
-        Args:
-            tokens: ``B x h x w`` ids in ``[0, K]`` (``K`` = ``[MASK]``).
-            x_hat, color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``;
-            entropy: ``B x h x w`` normalised entropy of the flow distribution.
-        """
+    def _tokens(
+        self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, and the merged grid ``(h', w')``."""
         self._check_inputs(tokens, x_hat, color_map, cond, entropy)
-        b, h, w = tokens.shape
+        h, w = tokens.shape[-2:]
         ent = entropy[:, None].to(x_hat.dtype)
         if self.mask_hides_latent:
             visible = (tokens != self.mask_token_id)[:, None].to(x_hat.dtype)
@@ -248,9 +244,52 @@ class LatentNAT(nn.Module):
         m = self.merge_conv(e)  # B x d x h' x w'
         hm, wm = m.shape[-2:]
         x = m.flatten(2).transpose(1, 2) + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
+        return x, (hm, wm)
+
+    def features(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> Tensor:
+        """Per-position hidden states ``B x h x w x dim`` (before the MLM head).
+
+        Args:
+            tokens: ``B x h x w`` ids in ``[0, K]`` (``K`` = ``[MASK]``).
+            x_hat, color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``;
+            entropy: ``B x h x w`` normalised entropy of the flow distribution.
+        """
+        b, h, w = tokens.shape
+        x, (hm, wm) = self._tokens(tokens, x_hat, color_map, cond, entropy)
         x = self.body(x, (hm, wm))
         x = self.unmerge(x.transpose(1, 2).reshape(b, -1, hm, wm))[:, :, :h, :w]
         return x.permute(0, 2, 3, 1)
+
+    def query_features(
+        self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor, query_mask: Tensor
+    ) -> Tensor:
+        """``features(...)[query_mask]`` (``N_q x dim``, row-major ``(b, y, x)`` order) at a fraction of the cost.
+
+        Only the merged tokens that cover a query position go through the last transformer block's queries and
+        MLP and through the unmerge (all tokens stay keys and values, so the result equals the full computation up
+        to float rounding).
+        """
+        b, h, w = tokens.shape
+        x, (hm, wm) = self._tokens(tokens, x_hat, color_map, cond, entropy)
+        m = self.merge
+        padded = F.pad(query_mask, (0, wm * m - w, 0, hm * m - h))
+        need = padded.reshape(b, hm, m, wm, m).any(4).any(2).reshape(b, hm * wm)  # merged tokens covering a query
+        counts = need.sum(1)
+        q_max = int(counts.max()) if b else 0
+        if q_max == 0:
+            return x.new_zeros(0, x.shape[-1])
+        # B x Q token indices, queried tokens first (stable order), padded with repeats that are dropped below
+        order = torch.sort((~need).to(torch.int8), dim=1, stable=True).indices[:, :q_max]
+        hq = self.body(x, (hm, wm), query_idx=order)  # B x Q x d
+        conv = self.unmerge[0]
+        y = F.linear(hq, conv.weight.flatten(1), conv.bias).reshape(b, q_max, -1, m, m)  # 1x1 conv per token
+        full = y.new_zeros(b, hm * wm, y.shape[2], m, m)
+        valid = torch.arange(q_max, device=x.device)[None] < counts[:, None]
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, q_max)
+        full[rows[valid], order[valid]] = y[valid]
+        # PixelShuffle layout: channel c * m * m + dy * m + dx -> (c, y * m + dy, x * m + dx)
+        grid = full.reshape(b, hm, wm, -1, m, m).permute(0, 1, 4, 2, 5, 3).reshape(b, hm * m, wm * m, -1)
+        return grid[:, :h, :w][query_mask]
 
     def logits(
         self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor, query_mask: Tensor
@@ -266,7 +305,7 @@ class LatentNAT(nn.Module):
         """
         if query_mask.shape != tokens.shape or query_mask.dtype != torch.bool:
             raise ValueError(f"LatentNAT: query_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
-        hidden = self.features(tokens, x_hat, color_map, cond, entropy)[query_mask]
+        hidden = self.query_features(tokens, x_hat, color_map, cond, entropy, query_mask)
         return self.head(hidden, self.tok_emb.weight[: self.codebook_size])
 
     forward = logits
@@ -333,19 +372,30 @@ class LatentNAT(nn.Module):
         return chosen - others
 
     def _decode_rows(
-        self, hidden: Tensor, current: Tensor, masked: Tensor, codebook: Tensor, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self,
+        hidden: Tensor,
+        current: Tensor,
+        masked: Tensor,
+        codebook: Tensor,
+        generator: torch.Generator | None,
+        want_soft: bool = True,
+        want_entropy: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Per query row: prediction, confidence, expected code and normalised entropy of ``softmax(logits)``.
 
         Rows (``hidden`` ``N_q x d``) go through the MLM head ``head_chunk`` at a time, so no ``N_q x K`` tensor is
         ever built (memory: a few ``head_chunk x K`` float32 blocks). ``current`` (``N_q``) are the rows' tokens;
         rows with ``masked`` False (``remask_scope='all'``) keep their token as the prediction.
 
-        Returns ``pred`` (int64), ``conf``, ``soft`` (``N_q x code_dim``) and ``entropy``, all float32 but ``pred``.
+        Returns ``pred`` (int64), ``conf``, ``soft`` (``N_q x code_dim``, None unless ``want_soft``) and ``entropy``
+        (None unless ``want_entropy``), all float32 but ``pred``.
         """
         table = self.tok_emb.weight[: self.codebook_size]
         book = codebook.float()
-        preds, confs, softs, ents = [], [], [], []
+        preds: list[Tensor] = []
+        confs: list[Tensor] = []
+        softs: list[Tensor] = []
+        ents: list[Tensor] = []
         for start in range(0, hidden.shape[0], self.head_chunk):
             rows = slice(start, start + self.head_chunk)
             logp = torch.log_softmax(self.head(hidden[rows], table), dim=-1, dtype=torch.float32)
@@ -355,14 +405,19 @@ class LatentNAT(nn.Module):
                 pred = logp.argmax(1)
             pred = torch.where(masked[rows], pred, current[rows])
             confs.append(self._confidence(logp, pred))
-            probs = logp.exp_()  # logp is not needed any more: reuse its memory
-            softs.append(probs @ book)
-            ents.append(normalized_entropy(probs))
             preds.append(pred)
+            if want_soft or want_entropy:
+                probs = logp.exp_()  # logp is not needed any more: reuse its memory
+                if want_soft:
+                    softs.append(probs @ book)
+                if want_entropy:
+                    ents.append(normalized_entropy(probs))
         if not preds:
             empty = hidden.new_zeros(0, dtype=torch.float32)
-            return current.new_zeros(0), empty, empty.new_zeros(0, book.shape[1]), empty
-        return torch.cat(preds), torch.cat(confs), torch.cat(softs), torch.cat(ents)
+            soft = empty.new_zeros(0, book.shape[1]) if want_soft else None
+            return current.new_zeros(0), empty, soft, (empty if want_entropy else None)
+        soft = torch.cat(softs) if want_soft else None
+        return torch.cat(preds), torch.cat(confs), soft, (torch.cat(ents) if want_entropy else None)
 
     def refine(
         self,
@@ -371,11 +426,14 @@ class LatentNAT(nn.Module):
         color_map: Tensor,
         cond: Tensor,
         generator: torch.Generator | None = None,
+        stats: bool = True,
     ) -> dict[str, Any]:
         """Entropy-masked iterative refinement (Algorithm B, nat.md §3.6) and feedback (§3.7).
 
         Call ``eval()`` first for deterministic decoding (dropout). Greedy (``sample_temp = choice_temp = 0``)
-        decoding is deterministic; otherwise the noise comes from ``generator``.
+        decoding is deterministic; otherwise the noise comes from ``generator``. ``stats=False`` skips what only
+        NAT-III and the statistics read (``uncertainty`` and, with ``feedback='hard'``, ``soft_codes`` are then
+        None): the entropy and expected code of each committing distribution (``N_q x K`` work per round).
 
         Args:
             x_hat: ``B x code_dim x h x w`` flow output; codebook: ``K x code_dim``;
@@ -405,8 +463,9 @@ class LatentNAT(nn.Module):
         mask = m0.reshape(b, n)
         union = mask.clone()
         code_rows = codebook.to(x_hat.dtype)
-        soft = code_rows[v0.reshape(b, n)]  # B x N x c
-        commit_ent = ent.reshape(b, n).clone()
+        want_soft = stats or self.feedback == "soft"
+        soft = code_rows[v0.reshape(b, n)] if want_soft else None  # B x N x c
+        commit_ent = ent.reshape(b, n).clone() if stats else None
         masks: list[Tensor] = []
         history: list[Tensor] = []
         rounds = 0
@@ -416,8 +475,10 @@ class LatentNAT(nn.Module):
                 break
             query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
             rounds += 1
-            hidden = self.features(v.reshape(b, h, w), x_hat, color_map, cond, ent)[query.reshape(b, h, w)]
-            pred, conf, soft_q, ent_q = self._decode_rows(hidden, v[query], mask[query], codebook, generator)
+            hidden = self.query_features(v.reshape(b, h, w), x_hat, color_map, cond, ent, query.reshape(b, h, w))
+            pred, conf, soft_q, ent_q = self._decode_rows(
+                hidden, v[query], mask[query], codebook, generator, want_soft=want_soft, want_entropy=stats
+            )
             if self.choice_temp > 0:
                 conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(
                     conf.shape, conf.device, generator
@@ -432,8 +493,10 @@ class LatentNAT(nn.Module):
             pred_full[query] = pred
             committed = mask & ~new_mask
             committed_q = committed[query]
-            soft = soft.index_put((committed,), soft_q[committed_q].to(soft.dtype))
-            commit_ent[committed] = ent_q[committed_q].to(commit_ent.dtype)
+            if soft is not None and soft_q is not None:
+                soft = soft.index_put((committed,), soft_q[committed_q].to(soft.dtype))
+            if commit_ent is not None and ent_q is not None:
+                commit_ent[committed] = ent_q[committed_q].to(commit_ent.dtype)
             v = torch.where(new_mask, k_mask, pred_full)
             mask = new_mask
             union |= new_mask
@@ -445,8 +508,9 @@ class LatentNAT(nn.Module):
         codes = v.reshape(b, h, w)
         z_q = code_rows[codes].permute(0, 3, 1, 2)
         union_map = union.reshape(b, 1, h, w)
-        soft_map = soft.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        soft_map = torch.where(union_map, soft_map, z_q)
+        soft_map = None
+        if soft is not None:
+            soft_map = torch.where(union_map, soft.reshape(b, h, w, -1).permute(0, 3, 1, 2), z_q)
         if not bool(union.any()):
             z_out = x_hat  # N0 = 0: GLARE's own latent, untouched
         else:
@@ -458,7 +522,9 @@ class LatentNAT(nn.Module):
             masks=masks,
             tokens=history,
             mask_union=union.reshape(b, h, w),
-            uncertainty=torch.where(union, commit_ent, ent.reshape(b, n)).reshape(b, h, w),
+            uncertainty=None
+            if commit_ent is None
+            else torch.where(union, commit_ent, ent.reshape(b, n)).reshape(b, h, w),
             soft_codes=soft_map,
             rounds=rounds,
         )

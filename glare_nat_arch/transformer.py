@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "sincos_pos_embed_2d",
+    "gather_rows",
     "MultiHeadSelfAttention",
     "Mlp",
     "TransformerBlock",
@@ -47,10 +48,17 @@ def sincos_pos_embed_2d(
     return torch.cat([emb_y, emb_x], dim=2).reshape(h * w, dim).to(dtype)
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, i]]`` for ``x`` ``B x N x d`` and ``index`` ``B x Q`` (int64) -> ``B x Q x d``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Bidirectional multi-head self-attention via SDPA (no mask, so fused kernels stay eligible).
 
-    Input / output: ``B x N x dim``.
+    Input / output: ``B x N x dim``. With ``queries`` (``B x Q x dim``, rows of the same normalised tokens) only
+    those rows attend (to all ``N`` tokens) and the output is ``B x Q x dim``: the same rows as the full call, at
+    ``Q / N`` of the query cost.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, qkv_bias: bool = True) -> None:
@@ -63,12 +71,20 @@ class MultiHeadSelfAttention(nn.Module):
         self.attn_drop = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
+        hd = d // self.heads
+        if queries is None:
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(queries, w[:d], None if bias is None else bias[:d])
+            q = q.reshape(b, -1, self.heads, hd).transpose(1, 2)  # B x heads x Q x head_dim
+            kv = F.linear(x, w[d:], None if bias is None else bias[d:]).reshape(b, n, 2, self.heads, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, n, d)
+        out = out.transpose(1, 2).reshape(b, -1, d)
         return self.proj_drop(self.proj(out))
 
 
@@ -96,8 +112,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, query_idx: Tensor | None = None) -> Tensor:
+        """``B x N x dim`` -> ``B x N x dim``; with ``query_idx`` (``B x Q`` int64) only those tokens' outputs,
+        ``B x Q x dim`` (equal to the full call's rows up to float rounding)."""
+        if query_idx is None:
+            x = x + self.attn(self.norm1(x))
+        else:
+            normed = self.norm1(x)
+            x = gather_rows(x, query_idx) + self.attn(normed, gather_rows(normed, query_idx))
         return x + self.mlp(self.norm2(x))
 
 
@@ -146,11 +168,18 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.apply(init_transformer_weights)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int], query_idx: Tensor | None = None) -> Tensor:
+        """``B x N x dim`` -> ``B x N x dim``, or ``B x Q x dim`` at ``query_idx`` (``B x Q`` int64): the last
+        block then runs its queries and MLP on those tokens only (all tokens stay keys and values), exact up to
+        float rounding because nothing after the last block mixes tokens (unless the PEG comes last)."""
+        last = len(self.blocks) - 1
+        restrict_last = query_idx is not None and not (self.peg is not None and self.peg_after == last + 1)
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, query_idx if (restrict_last and i == last) else None)
             if self.peg is not None and i + 1 == self.peg_after:
                 x = self.peg(x, hw)
+        if query_idx is not None and not restrict_last:
+            x = gather_rows(x, query_idx)
         return self.norm(x)
 
 

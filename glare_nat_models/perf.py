@@ -5,7 +5,8 @@ Used by ``scripts/bench_inference.py`` (the CLI, see ``docs/performance.md``). P
 * :class:`ExplicitAttnBlock` and :func:`with_explicit_attention`: the reference. A deep copy of a network in which
   every :class:`~glare_nat_arch.blocks.AttnBlock` is replaced by the official formulation (``bmm`` -> scale ->
   ``softmax`` -> ``bmm`` with the explicit (B, N, N) map, as taming-transformers / GLARE's ``AttnBlock``), with the
-  same weights. **Benchmark reference only**: the project's networks never build an N x N map.
+  same weights, and every deformable conv runs BasicSR's im2col kernel (the official ``DCNv2Pack``).
+  **Benchmark reference only**: the project's networks never build an N x N map.
 * :func:`build_inference_networks`, :func:`make_low_light_image`, :func:`make_enhancer`: the full inference network
   (``GLARENet`` + ``GLAREVQGAN``, random but seeded weights) and the timed call (``torch.inference_mode``,
   autocast, optional ``channels_last`` / ``torch.compile``).
@@ -24,14 +25,18 @@ import copy
 import resource
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from glare_nat_arch.blocks import AttnBlock
+from glare_nat_arch.deform import LeanDCNv2Pack
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 from glare_nat_models.inference import autocast_context
@@ -50,6 +55,7 @@ __all__ = [
     "capture_code_indices",
     "Measurement",
     "measure",
+    "LiveTensorBytes",
     "rss_bytes",
     "peak_rss_bytes",
     "output_difference",
@@ -99,8 +105,10 @@ class ExplicitAttnBlock(AttnBlock):
 
 
 def with_explicit_attention(module: nn.Module) -> nn.Module:
-    """Deep copy of ``module`` with every AttnBlock replaced by an :class:`ExplicitAttnBlock` holding the same
-    weights (same device, dtype, ``requires_grad`` and train/eval mode). ``module`` itself is not changed."""
+    """The official-style reference: a deep copy of ``module`` with every AttnBlock replaced by an
+    :class:`ExplicitAttnBlock` holding the same weights (same device, dtype, ``requires_grad`` and train/eval mode)
+    and every deformable conv on BasicSR's im2col kernel (``DCNv2Pack``, as the official code), whatever its
+    ``dcn_impl``. ``module`` itself is not changed."""
     if type(module) is AttnBlock:
         return _explicit_copy(module)
     ref = copy.deepcopy(module)
@@ -108,6 +116,8 @@ def with_explicit_attention(module: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is AttnBlock:
                 setattr(parent, name, _explicit_copy(child))
+            elif isinstance(child, LeanDCNv2Pack):
+                child.impl = "im2col"
     return ref
 
 
@@ -212,6 +222,77 @@ def capture_code_indices(vqgan: GLAREVQGAN, store: list[Tensor]) -> torch.utils.
 # --------------------------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------------------------
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated inside the mode and still alive (a CPU peak-memory probe).
+
+    Outputs that share an input's storage (views, in-place ops) are not allocations and are not counted, so
+    weights that existed before the mode never are. Memory a kernel allocates internally (oneDNN reorders,
+    torchvision's deformable-conv im2col buffer) is invisible here: compare with the process's peak RSS.
+
+    ``attribute``: a module (or several) whose sub-modules name the allocations; then ``snapshot`` lists, at the
+    peak, the largest live tensors as ``(shape, MiB, module that allocated it)`` (at most ``top``).
+    """
+
+    def __init__(self, attribute: nn.Module | list[nn.Module] | None = None, top: int = 10) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.top = top
+        self.snapshot: list[tuple[tuple[int, ...], float, str]] = []
+        self.peak_module = ""
+        self._live: dict[int, tuple[tuple[int, ...], int, str]] = {}
+        self._stack: list[str] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        roots = [] if attribute is None else (attribute if isinstance(attribute, list) else [attribute])
+        for i, root in enumerate(roots):
+            for name, mod in root.named_modules():
+                label = f"{i}:{name or type(root).__name__}" if len(roots) > 1 else (name or type(root).__name__)
+                self._hooks.append(mod.register_forward_pre_hook(self._enter(label)))
+                self._hooks.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, label: str) -> Callable[..., None]:
+        def hook(*_) -> None:  # hooks must return None: a value would replace the module's input
+            self._stack.append(label)
+
+        return hook
+
+    def _leave(self, *_) -> None:
+        self._stack.pop()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._live.pop(key, None)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = id(storage), storage.nbytes()
+            if key in self._live or key in inputs or nbytes == 0:  # views / in-place results are not allocations
+                continue
+            where = self._stack[-1] if self._stack else ""
+            self._live[key] = (tuple(t.shape), nbytes, where)
+            self.current += nbytes
+            if self.current > self.peak:
+                self.peak = self.current
+                if self._hooks:
+                    self.peak_module = where
+                    big = sorted(self._live.values(), key=lambda v: -v[1])[: self.top]
+                    self.snapshot = [(shape, n / 2**20, m) for shape, n, m in big]
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:

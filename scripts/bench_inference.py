@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inference", action="store_true", help="skip the inference comparison")
     p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=None, help="also time one AttnBlock alone")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler op table of both variants")
+    p.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="print the largest live tensors at each variant's memory peak and the modules that allocated them",
+    )
     p.add_argument("--train", action="store_true", help="also measure training throughput of stages I-III")
     p.add_argument("--stages", default="I,II,III", help="stages for --train (default I,II,III)")
     p.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 10 CUDA, 2 CPU)")
@@ -362,6 +367,36 @@ def profile_variants(args: argparse.Namespace, device: torch.device) -> None:
         torch.cuda.empty_cache() if cuda else None
 
 
+def trace_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Per variant and size (first precision): the peak of live tensor storages in one call and the largest tensors
+    alive at that moment, each with the module that allocated it (:class:`~glare_nat_models.perf.LiveTensorBytes`;
+    kernel scratch such as im2col buffers or oneDNN reorders is not visible here, peak RSS / CUDA peaks include it).
+    """
+    rows = []
+    amp = perf.AMP_DTYPES[args.amp[0]]
+    for w, h in args.sizes:
+        x = perf.make_low_light_image(h, w, seed=2).to(device)
+        for variant in ("reference", "ours"):
+            if variant == "reference" and device.type == "cpu" and not reference_fits_cpu((w, h))[0]:
+                continue
+            net, vq = variant_networks(variant, args.tiny, args.seed)
+            ours = variant == "ours"
+            fn = perf.make_enhancer(net.to(device), vq.to(device), device, amp, ours and args.channels_last, False)
+            with perf.LiveTensorBytes(attribute=[net, vq], top=8) as probe:
+                fn(x)
+            row = {"variant": variant, "size": f"{w}x{h}", "amp": args.amp[0], "peak_bytes": probe.peak}
+            row.update(peak_module=probe.peak_module, snapshot=probe.snapshot)
+            rows.append(row)
+            peak_mib = probe.peak / 2**20
+            print(f"MEMTRACE {variant} size={w}x{h}: live tensors peak {peak_mib:.0f} MiB in {probe.peak_module}")
+            for shape, mib, where in probe.snapshot:
+                print(f"  {mib:8.1f} MiB {str(list(shape)):24s} from {where}")
+            sys.stdout.flush()
+            del net, vq, fn
+            gc.collect()
+    return rows
+
+
 def training_throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -506,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.channels_last} | compile {args.compile}"
     )
     sys.stdout.flush()
-    runs, comps, prec, attn, train = [], [], [], [], []
+    runs, comps, prec, attn, train, memtrace = [], [], [], [], [], []
     if not args.no_inference:
         runs, comps = inference_comparison(args, device)
         prec = precision_comparison(runs)
@@ -514,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         attn = attention_only(args, device)
     if args.profile:
         profile_variants(args, device)
+    if args.trace_memory:
+        memtrace = trace_memory(args, device)
     if args.train:
         train = training_throughput(args, device)
     checks = target_checks(comps, prec, runs, device) if not args.no_inference and not args.tiny else []
@@ -532,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                     "precision": prec,
                     "attention_only": attn,
                     "training": train,
+                    "memory_trace": memtrace,
                     "targets": checks,
                 },
                 f,

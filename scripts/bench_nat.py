@@ -33,7 +33,6 @@ import json
 import platform
 import statistics
 import sys
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,13 +42,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
+from glare_nat_models.perf import LiveTensorBytes  # noqa: E402
 from glare_nat_models.perf import measure as perf_measure  # noqa: E402
 
 TARGETS = {"latency": 0.10, "memory": 0.12}
@@ -80,41 +78,6 @@ TINY = {
 }
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages allocated inside the mode and still alive (a CPU peak-memory probe).
-
-    Outputs that share an input's storage (views, in-place ops) are not allocations and are not counted, so
-    weights that existed before the mode never are.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = id(storage), storage.nbytes()
-            if key in self._seen or key in inputs or nbytes == 0:  # views / in-place results are not allocations
-                continue
-            self._seen.add(key)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
 def module_bytes(*modules: nn.Module) -> int:
     """Bytes of the parameters and buffers of ``modules`` (shared tensors counted once)."""
     seen, total = set(), 0
@@ -126,9 +89,23 @@ def module_bytes(*modules: nn.Module) -> int:
     return total
 
 
-def build(tiny: bool, device: torch.device) -> tuple[GLAREVQGAN, GLARENATNet, GLARENATFlowNet]:
-    """VQGAN, Stage-III + NATs and Stage-II + NAT-II networks (shared GLARE / NAT-II weights), eval mode."""
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, nested dicts merged key by key (neither input is changed)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build(
+    tiny: bool, device: torch.device, nat2: dict | None = None
+) -> tuple[GLAREVQGAN, GLARENATNet, GLARENATFlowNet]:
+    """VQGAN, Stage-III + NATs and Stage-II + NAT-II networks (shared GLARE / NAT-II weights), eval mode.
+
+    ``nat2``: option overrides merged into the ``nat2`` block (e.g. ``{"decode": {"iters": 2}}``)."""
     cfg = TINY if tiny else OFFICIAL
+    if nat2:
+        cfg = {**cfg, "nat2": deep_merge(cfg["nat2"], nat2)}
     with device:  # initialise on the target device (fast on a GPU)
         return _build(cfg, device)
 
@@ -251,8 +228,9 @@ def header_lines(results: dict) -> list[str]:
     cpu = results["device_type"] != "cuda"
     return [
         f"device: {results['device']} | torch {results['torch']} | amp: {results['amp'] or 'off (float32)'} | "
-        f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, NAT defaults (nat.md §6.1), "
-        "random weights",
+        f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, NAT defaults (nat.md §6.1)"
+        + (f" with nat2 overrides {json.dumps(results['nat2_overrides'])}" if results.get("nat2_overrides") else "")
+        + ", random weights",
         f"warmup {results['warmup']}, runs {results['runs']}; memory = weights + peak of the forward's tensors "
         f"({'live CPU tensor storages' if cpu else 'max_memory_allocated'})",
         f"targets: latency overhead <= {TARGETS['latency']:.0%}, memory overhead <= {TARGETS['memory']:.0%} "
@@ -309,6 +287,8 @@ def bench_size(vq, net, flow, size, args, device, emit: Callable[[str], None]) -
     for line in size_lines(info):
         emit(line)
     for name, (fn, modules, base) in make_paths(vq, net, flow, x).items():
+        if args.paths and name not in args.paths:
+            continue
         res = measure(fn, x, args.warmup, args.runs, args.amp)
         res["weight_bytes"] = module_bytes(*modules)
         res["peak_bytes"] = res["weight_bytes"] + res["act_bytes"]
@@ -345,7 +325,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--nat2",
+        type=json.loads,
+        default=None,
+        help='JSON overrides of the nat2 options, e.g. \'{"decode": {"iters": 2}}\' (default: nat.md §6.1)',
+    )
+    p.add_argument(
+        "--paths",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        help="comma-separated subset of the paths (their base paths are added), e.g. 'stage II + NAT-II'",
+    )
     args = p.parse_args(argv)
+    if args.paths:
+        bases = {"stage II + NAT-II": "stage II", "stage III + NAT-II": "stage III"}
+        bases["stage III + NAT-II + NAT-III"] = "stage III"
+        args.paths = set(args.paths) | {bases[n] for n in args.paths if n in bases}
 
     device = torch.device(
         "cuda"
@@ -365,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     print(f"building the networks on {device} ...", flush=True)
-    vq, net, flow = build(args.tiny, device)
+    vq, net, flow = build(args.tiny, device, args.nat2)
     name = (
         torch.cuda.get_device_name(device)
         if cuda
@@ -379,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tiny": args.tiny,
         "warmup": args.warmup,
         "runs": args.runs,
+        "nat2_overrides": args.nat2,
         "sizes": [],
     }
 

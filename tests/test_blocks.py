@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.blocks import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample, swish
+from tests.rss_probe import PEAK_RSS_HELPERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(ch=32, ch_mult=(1, 2, 1), num_res_blocks=2, attn_resolutions=(64,), resolution=256, z_channels=3)
@@ -119,7 +120,7 @@ def test_official_sizes_key_layout_and_parameter_counts():
     assert dec.state_dict()["up.0.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)
 
 
-_MEMORY_PROBE = textwrap.dedent(
+_MEMORY_PROBE = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import importlib.util, json, sys, torch
     # load blocks.py alone (it only needs torch): skips importing basicsr through the package
@@ -128,22 +129,6 @@ _MEMORY_PROBE = textwrap.dedent(
     spec.loader.exec_module(blocks)
     AttnBlock = blocks.AttnBlock
     torch.set_num_threads(2)
-
-    def status_mb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024.0
-
-    def peak_extra_mb(fn):
-        # reset the kernel's peak-RSS counter (VmHWM), run, report the peak above the RSS before the call
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status_mb("VmRSS")
-        with torch.no_grad():
-            out = fn()
-        peak = status_mb("VmHWM")
-        del out
-        return peak - base
 
     torch.manual_seed(0)
     block = AttnBlock(512).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -177,6 +178,18 @@ def test_golden_stage3_float64(golden, run64):
         close(out[f"level{level}_h_mix"], h_mix, F64_STORED_F32)
         ratio = out[f"level{level}_mean_h_mix"] / out[f"level{level}_mean_u"]
         close(out[f"level{level}_h_post"], h_mix + ref[f"level{level}_u"].double() * ratio, F64_STORED_F32)
+
+
+def test_golden_stage3_with_the_tapwise_dcn_and_inplace_inference_path(golden, run64, stage3, vqgan):
+    """The memory-lean inference path (tap-wise DCN, in-place mix / rescale / activations, released feature lists)
+    reproduces the official output: float64 against the golden output and against the im2col run."""
+    net, vq = copy.deepcopy(stage3).double(), vqgan.double()
+    for warp in net.deformable_decoder.warp:
+        warp.dcn.impl = "tapwise"
+    with torch.inference_mode():
+        out = net(golden["input"], vq)
+    close(out, golden["outputs"]["stage3"]["output"], F64)
+    assert (out - run64["plain"]).abs().max().item() < 1e-10
 
 
 def test_golden_stage3_float32(golden, stage3, vqgan):

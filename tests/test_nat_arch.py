@@ -362,7 +362,7 @@ def test_greedy_refine_is_deterministic_and_sampling_follows_generator():
 
 def test_refine_never_builds_the_full_query_by_codebook_logits():
     x_hat, codebook, color_map, cond = inputs(b=2, h=12, w=14)
-    kw = dict(tau=0.0, rho_max=0.5, dim=16)  # dim != K, so (rows x K) tensors are the head's only
+    kw = dict(tau=0.0, rho_max=0.5, dim=12)  # no multiple of dim (qkv, MLP, unmerge) is K: (rows x K) is the head
     whole = tiny_latent_nat(**kw, head_chunk=4096, chunk=4096).refine(x_hat, codebook, color_map, cond)
     small = tiny_latent_nat(**kw, head_chunk=8, chunk=16)
     with torch.no_grad(), MaxTensorSize() as rec:
@@ -489,3 +489,48 @@ def test_first_round_keeps_the_least_confident_positions_masked():
         assert committed[i].any() and m1[i].any()
         assert conf[i][m1[i]].max() <= conf[i][committed[i]].min()
     assert torch.equal(out["tokens"][0][committed], logp.argmax(-1)[committed[m0]])
+
+
+# ------------------------------------------------------- query-only last block
+@pytest.mark.parametrize("merge,h,w,depth", [(2, 9, 13, 3), (1, 6, 5, 2), (3, 7, 8, 2), (2, 8, 8, 1)])
+def test_query_features_equal_the_full_features_at_the_queries(merge, h, w, depth):
+    """The last block on queried tokens only (and only their unmerge) gives the full computation's rows: odd sizes
+    (padding), merge 1-3, samples with different query counts, depth 1 (PEG last: no restriction)."""
+    torch.manual_seed(0)
+    nat = LatentNAT(K, dim=32, depth=depth, heads=2, cond_channels=COND, merge=merge, dropout=0.0).eval().double()
+    x_hat, _, color_map, cond = (t.double() for t in inputs(b=2, h=h, w=w))
+    tokens = torch.randint(0, K + 1, (2, h, w))
+    entropy = torch.rand(2, h, w, dtype=torch.float64)
+    query = torch.rand(2, h, w) < 0.2
+    query[1] = False
+    query[1, -1, -1] = True  # one query in the padded corner of sample 1
+    full = nat.features(tokens, x_hat, color_map, cond, entropy)[query]
+    fast = nat.query_features(tokens, x_hat, color_map, cond, entropy, query)
+    assert fast.shape == full.shape == (int(query.sum()), 32)
+    assert (fast - full).abs().max().item() < 1e-12
+    assert nat.query_features(tokens, x_hat, color_map, cond, entropy, torch.zeros_like(query)).shape == (0, 32)
+
+
+def test_transformer_stack_query_rows_match_and_cost_less():
+    """``TransformerStack(query_idx)`` returns the full output's rows (float32 rounding) with a Q-row last block."""
+    torch.manual_seed(0)
+    stack = TransformerStack(32, depth=3, heads=4, peg_after=1).eval()
+    x = torch.randn(2, 20, 32)
+    idx = torch.tensor([[3, 0, 19], [5, 5, 7]])
+    with torch.no_grad(), MaxTensorSize() as rec:
+        part = stack(x, (4, 5), query_idx=idx)
+    full = stack(x, (4, 5))
+    assert torch.allclose(part, full.gather(1, idx[..., None].expand(-1, -1, 32)), atol=1e-5)
+    assert (2, 3, 128) in rec.shapes and (2, 20, 128) in rec.shapes  # last MLP on 3 rows, earlier ones on 20
+
+
+def test_refine_without_stats_decodes_the_same_codes():
+    """``stats=False`` (what GLARE + NAT-II without NAT-III runs) skips the committing entropies / expected codes
+    and decodes the same codes and output latent."""
+    x_hat, codebook, color_map, cond = inputs()
+    net = tiny_latent_nat(tau=0.0, rho_max=0.5)
+    with torch.no_grad():
+        a = net.refine(x_hat, codebook, color_map, cond)
+        b = net.refine(x_hat, codebook, color_map, cond, stats=False)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["z_out"], b["z_out"])
+    assert b["uncertainty"] is None and b["soft_codes"] is None and a["uncertainty"] is not None

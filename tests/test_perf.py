@@ -14,6 +14,7 @@ import torch
 
 import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.blocks import AttnBlock
+from glare_nat_arch.deform import LeanDCNv2Pack
 from glare_nat_models import perf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,9 @@ def test_swap_covers_every_attention_block_and_keeps_weights():
     sd, ref_sd = net.state_dict(), ref_net.state_dict()
     assert sd.keys() == ref_sd.keys()
     assert all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    dcn = [m for m in ref_net.modules() if isinstance(m, LeanDCNv2Pack)]
+    assert len(dcn) == 2 and all(m.impl == "im2col" for m in dcn)  # the reference runs the official DCN kernel
+    assert all(m.impl == "auto" for m in net.modules() if isinstance(m, LeanDCNv2Pack))  # ours is untouched
 
 
 def test_full_tiny_network_reference_equals_ours_float64():
@@ -124,7 +128,7 @@ def test_bench_script_tiny_end_to_end():
     """One CLI run (CPU: one subprocess worker per variant, then training stage II) prints ratio and train lines."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--sizes", "32x32", "--repeats", "1"]
-    cmd += ["--warmup", "0", "--train", "--stages", "II", "--train-iters", "1"]
+    cmd += ["--warmup", "0", "--train", "--stages", "II", "--train-iters", "1", "--trace-memory"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -137,3 +141,27 @@ def test_bench_script_tiny_end_to_end():
     assert latency > 0 and peak > 0
     assert max_diff < 1e-4  # same weights, float32: only rounding differs
     assert re.search(r"TRAIN stage II patch 32 batch 2 amp=none: reference \S+ it/s .* ours \S+ it/s", out), out
+    traces = re.findall(r"MEMTRACE (reference|ours) size=32x32: live tensors peak (\d+) MiB in (\S+)", out)
+    assert [t[0] for t in traces] == ["reference", "ours"], out
+
+
+def test_live_tensor_probe_counts_new_storages_only():
+    weights = torch.zeros(1000)
+    with perf.LiveTensorBytes() as probe:
+        weights.t()  # a view: no allocation
+        a = weights + 1  # 4000 B
+        a.mul_(2)  # in place
+        b = a.view(10, 100) * 2  # 4000 B more
+        del a, b
+        c = weights * 3  # 4000 B after the others were freed
+    assert probe.peak == 8000 and probe.current == 4000 and c.numel() == 1000
+
+
+def test_live_tensor_probe_names_the_modules_alive_at_the_peak():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), perf.LiveTensorBytes(attribute=net) as probe:
+        net(x)
+    assert probe.peak == (8 + 2) * 16 * 16 * 4  # the first conv's output is alive while the second one runs
+    assert probe.peak_module == "1" and [s[2] for s in probe.snapshot] == ["0", "1"]
+    assert not net._forward_hooks and not net[0]._forward_pre_hooks  # hooks removed on exit
