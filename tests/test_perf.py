@@ -165,3 +165,14 @@ def test_live_tensor_probe_names_the_modules_alive_at_the_peak():
     assert probe.peak == (8 + 2) * 16 * 16 * 4  # the first conv's output is alive while the second one runs
     assert probe.peak_module == "1" and [s[2] for s in probe.snapshot] == ["0", "1"]
     assert not net._forward_hooks and not net[0]._forward_pre_hooks  # hooks removed on exit
+
+
+def test_target_lines_judge_only_what_was_measured():
+    """The CPU targets are for 600x400: a run at another size reports them as n/a, not as FAIL."""
+    bench = _load_script()
+    cpu = torch.device("cpu")
+    other = [{"size": "800x600", "amp": "none", "latency_ratio": 0.55, "peak_ratio": 0.27, "max_abs": 2e-2}]
+    assert all(line.endswith("n/a") for line in bench.target_checks(other, [], [], cpu))
+    measured = [{"size": "600x400", "amp": "none", "latency_ratio": 0.73, "peak_ratio": 0.5, "max_abs": 1.4e-5}]
+    verdicts = [line.rsplit(" ", 1)[1] for line in bench.target_checks(measured, [], [], cpu)]
+    assert verdicts == ["FAIL", "PASS", "PASS"]
