@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glare_nat_arch.quantize import autocast_off, squared_code_distances
+
 __all__ = [
     "SCHEDULES",
     "CodeUncertainty",
@@ -57,8 +59,8 @@ def _check_latent(z: Tensor, codebook: Tensor, name: str = "latent") -> None:
 def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
     """Squared distances to the ``k`` nearest codes, computed in row chunks.
 
-    Distances use the quantiser's expansion ``|z|^2 + |e|^2 - 2 z.e`` in float32, so ``codes`` equals the
-    nearest-code lookup of a taming/GLARE ``VectorQuantizer2`` (argmin, first index on ties).
+    Distances are the quantiser's (:func:`~glare_nat_arch.quantize.squared_code_distances`, float32 or wider,
+    autocast off), so ``codes`` equals :meth:`VectorQuantizer.nearest_indices` (argmin, first index on ties).
 
     Args:
         z: ``B x C x h x w`` latents.
@@ -72,17 +74,18 @@ def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[T
     _check_latent(z, codebook)
     b, c, h, w = z.shape
     k = min(int(k), codebook.shape[0])
-    rows = z.detach().permute(0, 2, 3, 1).reshape(-1, c).float()
-    emb = codebook.detach().float()
-    emb_sq = emb.pow(2).sum(1)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    rows = z.detach().permute(0, 2, 3, 1).reshape(-1, c).to(dtype)
+    emb = codebook.detach().to(dtype)
+    emb_sq = (emb**2).sum(dim=1)
     dists, idxs, codes = [], [], []
-    for start in range(0, rows.shape[0], chunk):
-        r = rows[start : start + chunk]
-        d = r.pow(2).sum(1, keepdim=True) + emb_sq[None] - 2.0 * (r @ emb.t())
-        top = d.topk(k, dim=1, largest=False, sorted=True)
-        dists.append(top.values)
-        idxs.append(top.indices)
-        codes.append(d.argmin(1))
+    with autocast_off(rows.device.type):
+        for start in range(0, rows.shape[0], chunk):
+            d = squared_code_distances(rows[start : start + chunk], emb, emb_sq)
+            top = d.topk(k, dim=1, largest=False, sorted=True)
+            dists.append(top.values)
+            idxs.append(top.indices)
+            codes.append(d.argmin(1))
     return (
         torch.cat(dists).reshape(b, h, w, k),
         torch.cat(idxs).reshape(b, h, w, k),

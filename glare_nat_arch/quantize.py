@@ -10,7 +10,21 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VectorQuantizer"]
+__all__ = ["VectorQuantizer", "autocast_off", "squared_code_distances"]
+
+
+def autocast_off(device_type: str):
+    """A context that disables autocast on ``device_type`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def squared_code_distances(rows: Tensor, codes: Tensor, code_sq: Tensor) -> Tensor:
+    """The official squared L2 ``|z|^2 + |e|^2 - 2 z.e`` (N x K) of ``rows`` (N x d) to ``codes`` (K x d), with
+    ``code_sq`` = ``|e|^2`` (K). Call it with autocast off and inputs in at least float32: the one distance of the
+    quantiser and of the NAT's code distribution, so both pick the same nearest code (first index on ties)."""
+    return (rows**2).sum(dim=1, keepdim=True) + code_sq - 2 * rows @ codes.t()
 
 
 class VectorQuantizer(nn.Module):
@@ -49,16 +63,9 @@ class VectorQuantizer(nn.Module):
         code_sq = (codes**2).sum(dim=1)
         rows = max(1, self.max_chunk_elems // self.n_e)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-        device_type = flat.device.type
-        no_autocast = (
-            torch.autocast(device_type, enabled=False)
-            if torch.amp.is_autocast_available(device_type)
-            else nullcontext()
-        )
-        with no_autocast:
+        with autocast_off(flat.device.type):
             for start in range(0, flat.shape[0], rows):  # chunks of rows, not a loop over tokens
-                part = flat[start : start + rows]
-                dist = (part**2).sum(dim=1, keepdim=True) + code_sq - 2 * part @ codes.t()
+                dist = squared_code_distances(flat[start : start + rows], codes, code_sq)
                 out[start : start + rows] = dist.argmin(dim=1)
         return out.view(b, h, w)
 

@@ -306,6 +306,21 @@ def precision_comparison(runs: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 # attention block alone, training
 # --------------------------------------------------------------------------------------------------------------
+def measure_or_oom(fn, device: torch.device, warmup: int, repeats: int) -> perf.Measurement | None:
+    """:func:`perf.measure`, or None when the device runs out of memory."""
+    try:
+        return perf.measure(fn, device, warmup=warmup, repeats=repeats)
+    except torch.OutOfMemoryError:
+        return None
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and hand cached CUDA blocks back, so the next variant starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def attention_only(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One AttnBlock (official width 512, tiny 128) at each size's latent resolution (H/4 x W/4), ref vs ours."""
     c = 128 if args.tiny else 512
@@ -323,13 +338,9 @@ def attention_only(args: argparse.Namespace, device: torch.device) -> list[dict]
                     with torch.inference_mode(), autocast_context(device, dtype):
                         return block(x)
 
-                try:
-                    m = perf.measure(call, device, warmup=2, repeats=5)
-                    row[name] = {"median_s": m.median, "peak_bytes": m.peak_bytes}
-                except torch.OutOfMemoryError:
-                    row[name] = "OOM"
-                gc.collect()
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                m = measure_or_oom(call, device, warmup=2, repeats=5)
+                row[name] = "OOM" if m is None else {"median_s": m.median, "peak_bytes": m.peak_bytes}
+                release_memory(device)
             rows.append(row)
             print("ATTN " + fmt_attn(row))
             sys.stdout.flush()
@@ -406,14 +417,14 @@ def training_throughput(args: argparse.Namespace, device: torch.device) -> list[
             for variant in ("reference", "ours"):
                 built = perf.make_train_step(stage, device, perf.AMP_DTYPES[amp], variant, args.tiny)
                 row.update(batch=built.batch, patch=built.patch)
-                try:
-                    m = perf.measure(built.step, device, warmup=min(args.warmup, 3) or 1, repeats=args.train_iters)
-                    row[variant] = {"it_per_s": 1.0 / m.median, "median_s": m.median, "peak_bytes": m.peak_bytes}
-                except torch.OutOfMemoryError:
-                    row[variant] = "OOM"
+                m = measure_or_oom(built.step, device, warmup=min(args.warmup, 3) or 1, repeats=args.train_iters)
+                row[variant] = (
+                    "OOM"
+                    if m is None
+                    else {"it_per_s": 1.0 / m.median, "median_s": m.median, "peak_bytes": m.peak_bytes}
+                )
                 built = None
-                gc.collect()
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                release_memory(device)
             rows.append(row)
             print("TRAIN " + fmt_train(row))
             sys.stdout.flush()

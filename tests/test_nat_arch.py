@@ -26,6 +26,7 @@ from glare_nat_arch.nat_uncertainty import (
     sample_train_mask,
     still_masked_counts,
 )
+from glare_nat_arch.quantize import VectorQuantizer
 from glare_nat_arch.transformer import TransformerBlock, TransformerStack, sincos_pos_embed_2d
 
 K = 32  # tiny codebook
@@ -118,6 +119,21 @@ def test_knn_codes_match_brute_force_and_are_chunk_invariant():
     assert (dist.diff(dim=-1) >= 0).all()
     d2, i2, c2 = knn_codes(x_hat, codebook, 8, chunk=4096)
     assert torch.equal(c2, codes) and torch.equal(i2, idx) and torch.equal(d2, dist)
+
+
+def test_knn_codes_pick_the_quantisers_code_even_under_autocast():
+    """v0 must be the VQGAN quantiser's nearest code (the decoder relies on it): both use one distance, in float32
+    with autocast off. Under bf16 autocast a bf16 matmul would pick other codes among 8192 close 3-D codes."""
+    g = torch.Generator().manual_seed(3)
+    vq = VectorQuantizer(8192, 3)
+    vq.embedding.weight.data = torch.randn(8192, 3, generator=g)
+    z = torch.randn(2, 3, 20, 24, generator=g)
+    ref = vq.nearest_indices(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = knn_codes(z, vq.embedding.weight, 4, chunk=100)[2]
+        bf16 = (z.permute(0, 2, 3, 1).reshape(-1, 3) @ vq.embedding.weight.t()).dtype
+    assert bf16 == torch.bfloat16  # autocast is really on for a plain matmul here
+    assert torch.equal(codes, ref)
 
 
 def test_entropy_in_unit_interval_and_tracks_ambiguity():

@@ -259,6 +259,21 @@ def test_nothing_masked_stage2_output_is_bit_identical_to_glare(tmp_path, ckpts)
     assert on._last_refine["n0"].sum() > 0 and not torch.equal(out_on, ref)  # the comparison can fail
 
 
+def test_refined_codes_are_the_quantisation_of_the_nl_decoder_input(tmp_path, ckpts):
+    """``refine_latent`` hands the NL decoder ``C[v^T]`` instead of quantising ``z_nl`` again: it must be exactly
+    what the quantiser gives for ``z_nl`` (same codes), or the shortcut would change the output."""
+    opt = set_nat(make_opt("tiny_stage3_nat.yml", tmp_path, stage3_paths(ckpts), False), tau=0.0, tau3=1.0)
+    model = build_model(opt)
+    net, vq = model.net_g, model.net_vq
+    with torch.no_grad():
+        rev = net.reverse(batch(4)["lq"])
+        lat = net.refine_latent(rev, vq.quantize.embedding.weight)
+        quant, _, codes = vq.quantize_latent(lat["z_nl"])
+    assert lat["quant_nl"] is not None and lat["refine"]["mask_union"].any()
+    assert torch.equal(codes, lat["refine"]["codes"])
+    assert (lat["quant_nl"] - quant).abs().max().item() < 1e-6
+
+
 def test_nothing_masked_stage3_output_is_bit_identical_to_glare(tmp_path, ckpts):
     s3 = read_yaml(DATA / "tiny_stage3_nat.yml")
     aft_opt = {
