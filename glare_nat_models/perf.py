@@ -370,6 +370,17 @@ def measure(fn: Callable[[], Tensor | None], device: torch.device, warmup: int =
     return Measurement(times, cpu_times, out, peak_bytes=peak, base_bytes=base, reserved_bytes=reserved)
 
 
+def code_agreement(a: Tensor, b: Tensor) -> dict[str, float | int]:
+    """``codes_equal`` (fraction), ``codes_differ`` (count) and ``codes_total`` of two code-index maps.
+
+    The count matters: one flipped code in 30,000 rounds to 1.0000, yet moves the output near it (a flip happens
+    where a latent sits almost midway between two codes and a float-rounding difference tips it)."""
+    if a.shape != b.shape:
+        raise ValueError(f"code_agreement: code maps {tuple(a.shape)} and {tuple(b.shape)} differ in shape")
+    differ = int((a != b).sum())
+    return {"codes_equal": 1.0 - differ / max(a.numel(), 1), "codes_differ": differ, "codes_total": a.numel()}
+
+
 def output_difference(a: Tensor, b: Tensor) -> dict[str, float]:
     """``max_abs``, ``mean_abs`` and ``rel_l2 = ||a - b|| / ||b||`` of two outputs (compared in float64)."""
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()

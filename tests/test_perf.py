@@ -104,6 +104,19 @@ def test_output_difference_and_bad_stage():
         perf.make_train_step("IV", torch.device("cpu"), None)
 
 
+def test_code_agreement_counts_single_flips():
+    """One flipped code in 30,000 must show as a count, not vanish in a rounded fraction."""
+    a = torch.zeros(1, 150, 200, dtype=torch.long)
+    b = a.clone()
+    b[0, 70, 99] = 5
+    agree = perf.code_agreement(a, b)
+    assert agree["codes_differ"] == 1 and agree["codes_total"] == 30000
+    assert f"{agree['codes_equal']:.4f}" == "1.0000"  # why the count is reported
+    assert perf.code_agreement(a, a)["codes_differ"] == 0
+    with pytest.raises(ValueError, match="shape"):
+        perf.code_agreement(a, a[:, :10])
+
+
 def test_stage3_train_step_trains_only_the_aft_decoder():
     built = perf.make_train_step("III", torch.device("cpu"), None, variant="reference", tiny=True)
     assert (built.patch, built.batch) == perf.STAGE_SHAPES["tiny"]["III"]
@@ -140,6 +153,7 @@ def test_bench_script_tiny_end_to_end():
     latency, peak, max_diff = (float(v) for v in ratio.groups())
     assert latency > 0 and peak > 0
     assert max_diff < 1e-4  # same weights, float32: only rounding differs
+    assert re.search(r"RATIO ours/reference size=32x32 .* codes_differ=0/\d+", out), out
     assert re.search(r"TRAIN stage II patch 32 batch 2 amp=none: reference \S+ it/s .* ours \S+ it/s", out), out
     traces = re.findall(r"MEMTRACE (reference|ours) size=32x32: live tensors peak (\d+) MiB in (\S+)", out)
     assert [t[0] for t in traces] == ["reference", "ours"], out
@@ -174,5 +188,7 @@ def test_target_lines_judge_only_what_was_measured():
     other = [{"size": "800x600", "amp": "none", "latency_ratio": 0.55, "peak_ratio": 0.27, "max_abs": 2e-2}]
     assert all(line.endswith("n/a") for line in bench.target_checks(other, [], [], cpu))
     measured = [{"size": "600x400", "amp": "none", "latency_ratio": 0.73, "peak_ratio": 0.5, "max_abs": 1.4e-5}]
-    verdicts = [line.rsplit(" ", 1)[1] for line in bench.target_checks(measured, [], [], cpu)]
-    assert verdicts == ["FAIL", "PASS", "PASS"]
+    measured[0].update(codes_differ=0, codes_total=15000)
+    lines = bench.target_checks(measured, [], [], cpu)
+    assert [line.rsplit(" ", 1)[1] for line in lines] == ["FAIL", "PASS", "PASS"]
+    assert "(codes differing 0/15000)" in lines[2]
