@@ -36,7 +36,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, pad_to_multiple
-from glare_nat_arch.nat_arch import DecoderNAT, LatentNAT
+from glare_nat_arch.nat_arch import POS_ENCODINGS, DecoderNAT, LatentNAT
 from glare_nat_arch.nat_uncertainty import sample_train_mask
 
 __all__ = [
@@ -110,14 +110,14 @@ NAT3_DEFAULTS: dict[str, Any] = {
 #: nat.md §2.3: AutoNAT-L's searched T=8 ratios sub-sampled at steps 2, 4, 6 (``schedule: autonat_sub``, T=4).
 AUTONAT_SUB_T4 = (0.880, 0.746, 0.407)
 
-#: Knobs declared by the spec whose other values are not implemented: {block: {path: allowed values}}.
+#: The implemented values of the spec's choice knobs (others raise, naming the option): {block: {path: values}}.
 SUPPORTED_VALUES: dict[str, dict[str, tuple]] = {
     "nat2": {
-        "model.uvit_skips": (False,),
-        "model.pos": ("sincos2d+peg",),
-        "model.cond_mode": ("additive",),
-        "model.tok_init": ("random",),
-        "uncertainty.source": ("entropy",),
+        "model.uvit_skips": (False, True),
+        "model.pos": POS_ENCODINGS,
+        "model.cond_mode": ("additive", "adaln"),
+        "model.tok_init": ("random", "codebook_lift"),
+        "uncertainty.source": ("entropy", "margin"),
         "decode.remask_rule": ("schedule",),
         "feedback.mode": ("hard", "soft"),
         "feedback.mf_input": ("refined", "flow"),
@@ -189,6 +189,10 @@ def build_latent_nat(cfg: Mapping[str, Any], codebook_size: int, code_dim: int, 
         cond_channels=cond_channels,
         code_dim=code_dim,
         merge=int(cfg["grid"]["merge"]),
+        pos=m["pos"],
+        uvit_skips=bool(m["uvit_skips"]),
+        cond_mode=m["cond_mode"],
+        tok_init=m["tok_init"],
         mask_hides_latent=bool(m["mask_hides_latent"]),
         iters=int(d["iters"]),
         schedule=schedule,
@@ -200,6 +204,7 @@ def build_latent_nat(cfg: Mapping[str, Any], codebook_size: int, code_dim: int, 
         early_stop=None if d["early_stop"] is None else int(d["early_stop"]),
         knn=int(u["knn"]),
         dist_temp=_auto_or_float(u["dist_temp"], "nat2.uncertainty.dist_temp", ("auto", "auto_median_gap")),
+        uncertainty_source=u["source"],
         tau=_auto_or_float(u["tau"], "nat2.uncertainty.tau", ("auto",)),
         rho_max=float(u["rho_max"]),
         feedback=cfg["feedback"]["mode"],
@@ -286,7 +291,7 @@ class _LatentNATMixin:
         if self.nat2 is None:
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": None, "refine": None}
         if not self.nat2_enabled:  # kept only for NAT-III's uncertainty map (NAT-III only)
-            unc = self.nat2.uncertainty(z_hat, codebook).entropy
+            unc = self.nat2.uncertainty(z_hat, codebook).score
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": unc, "refine": None}
         need_u = getattr(self, "nat3", None) is not None
         ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u)

@@ -20,6 +20,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.nat_uncertainty import (
+    UNCERTAINTY_SOURCES,
     CodeUncertainty,
     calibrate_dist_temp,
     calibrate_tau,
@@ -35,9 +36,11 @@ from glare_nat_arch.nat_uncertainty import (
 )
 from glare_nat_arch.transformer import TransformerStack, init_transformer_weights, sincos_pos_embed_2d
 
-__all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss"]
+__all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss", "POS_ENCODINGS"]
 
 _CONF_RULES = ("logp", "neg_entropy", "margin")
+#: ``pos`` values of :class:`LatentNAT` (nat.md §6.1 ``model.pos``).
+POS_ENCODINGS = ("sincos2d+peg", "sincos2d", "peg")
 
 
 def masked_ce_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.1) -> Tensor:
@@ -112,6 +115,14 @@ class LatentNAT(nn.Module):
         cond_channels: channels of the conditional encoder's ``cond_feat`` (64).
         code_dim: code / latent channels (3).
         merge: token-merge factor (2 default; 1 = native grid).
+        pos: position encoding of the merged grid: ``sincos2d+peg`` (fixed 2-D sin-cos, plus a PEG after block 1),
+            ``sincos2d`` or ``peg`` (one of the two).
+        uvit_skips: U-ViT long skips between mirrored blocks (:class:`TransformerStack` ``long_skips``).
+        cond_mode: ``additive`` (``W_c [...]`` added to every token embedding, nat.md §3.4) | ``adaln`` (the same
+            projection, merged like the tokens, drives a per-token adaLN-Zero in every block; +6 dim^2 per token
+            per block).
+        tok_init: ``random`` (trunc-normal 0.02) | ``codebook_lift``: after :meth:`init_token_embedding`, code rows
+            start as ``W_lift e_k + R_k`` (nat.md §3.4), so neighbouring codes start with similar embeddings.
         mask_hides_latent: zero the ``x_hat`` and ``H`` conditioning slots at ``[MASK]`` positions.
         iters: decoding rounds ``T``; schedule: ``gamma`` name or ratios (see ``mask_schedule``).
         conf: confidence rule ``logp`` | ``neg_entropy`` | ``margin``.
@@ -121,7 +132,9 @@ class LatentNAT(nn.Module):
         remask_rule: only ``schedule`` is implemented.
         early_stop: run rounds ``t <= early_stop`` only, committing every still-masked token at the last.
         knn: nearest codes kept for the flow distribution; dist_temp: ``T_d`` (None until calibrated).
-        tau: entropy threshold of the initial mask (None = 'auto', set by :meth:`calibrate`).
+        uncertainty_source: the per-position uncertainty that masks and conditions: ``entropy`` (normalised
+            entropy of the flow distribution) | ``margin`` (``exp(-(d_(2) - d_(1)) / T_d)``, nat.md §3.10).
+        tau: threshold of the initial mask on that uncertainty (None = 'auto', set by :meth:`calibrate`).
         rho_max: cap on the initially masked fraction.
         feedback: ``hard`` (``C[v^T]``) | ``soft`` (expected code under the committing distribution).
         chunk: positions per distance block in the codebook search (memory ``chunk x K`` floats).
@@ -139,6 +152,10 @@ class LatentNAT(nn.Module):
         cond_channels: int = 64,
         code_dim: int = 3,
         merge: int = 2,
+        pos: str = "sincos2d+peg",
+        uvit_skips: bool = False,
+        cond_mode: str = "additive",
+        tok_init: str = "random",
         mask_hides_latent: bool = False,
         iters: int = 4,
         schedule: str | Sequence[float] = "cosine",
@@ -150,6 +167,7 @@ class LatentNAT(nn.Module):
         early_stop: int | None = None,
         knn: int = 64,
         dist_temp: float | None = None,
+        uncertainty_source: str = "entropy",
         tau: float | None = None,
         rho_max: float = 0.5,
         feedback: str = "hard",
@@ -173,6 +191,9 @@ class LatentNAT(nn.Module):
         self.code_dim = code_dim
         self.cond_channels = cond_channels
         self.merge = merge
+        self.pos = _choice("pos", pos, POS_ENCODINGS)
+        self.tok_init = _choice("tok_init", tok_init, ("random", "codebook_lift"))
+        self.cond_mode = _choice("cond_mode", cond_mode, ("additive", "adaln"))
         self.mask_hides_latent = bool(mask_hides_latent)
         self.iters = iters
         self.schedule = list(schedule) if not isinstance(schedule, str) else schedule
@@ -184,6 +205,7 @@ class LatentNAT(nn.Module):
         self.remask_rule = _choice("remask_rule", remask_rule, ("schedule",))
         self.early_stop = early_stop
         self.knn = knn
+        self.uncertainty_source = _choice("uncertainty_source", uncertainty_source, UNCERTAINTY_SOURCES)
         self.rho_max = float(rho_max)
         self.feedback = _choice("feedback", feedback, ("hard", "soft"))
         self.chunk = chunk
@@ -197,7 +219,12 @@ class LatentNAT(nn.Module):
         self.embed_norm = nn.LayerNorm(dim)
         self.embed_drop = nn.Dropout(dropout)
         self.merge_conv = nn.Conv2d(dim, dim, merge, stride=merge)
-        self.body = TransformerStack(dim, depth, heads, mlp_ratio, dropout, peg_after=1)
+        peg_after = 1 if "peg" in self.pos.split("+") else None
+        adaln = self.cond_mode == "adaln"
+        self.cond_merge = nn.Conv2d(dim, dim, merge, stride=merge) if adaln else None
+        self.body = TransformerStack(
+            dim, depth, heads, mlp_ratio, dropout, peg_after, long_skips=bool(uvit_skips), adaln=adaln
+        )
         self.unmerge = nn.Sequential(nn.Conv2d(dim, dim * merge * merge, 1), nn.PixelShuffle(merge))
         self.head = MLMHead(dim, codebook_size)
         self.head.apply(init_transformer_weights)
@@ -207,6 +234,28 @@ class LatentNAT(nn.Module):
     def mask_token_id(self) -> int:
         """Id of ``[MASK]`` (= ``codebook_size``)."""
         return self.codebook_size
+
+    @torch.no_grad()
+    def init_token_embedding(self, codebook: Tensor, generator: torch.Generator | None = None) -> bool:
+        """``tok_init='codebook_lift'``: code rows ``E_tok[k] = W_lift e_k + R_k`` (nat.md §3.4), with the codes
+        standardised per channel, ``W_lift`` (``dim x code_dim``) and ``R`` ~ N(0, 0.02^2); the ``[MASK]`` row
+        keeps its value. A no-op returning False for ``tok_init='random'``. Call once, on fresh weights, before
+        training (the NAT training model does when it calibrates).
+
+        Args:
+            codebook: ``K x code_dim`` (the frozen VQGAN's codes).
+        """
+        self._check_codebook(codebook)
+        if self.tok_init != "codebook_lift":
+            return False
+        weight = self.tok_emb.weight
+        book = codebook.detach().to(device=weight.device, dtype=torch.float32)
+        book = (book - book.mean(0)) / book.std(0).clamp_min(1e-12)
+        w_lift = torch.randn(weight.shape[1], self.code_dim, generator=generator, device="cpu") * 0.02
+        rest = torch.randn(self.codebook_size, weight.shape[1], generator=generator, device="cpu") * 0.02
+        rows = book @ w_lift.to(book.device).t() + rest.to(book.device)
+        weight[: self.codebook_size] = rows.to(weight.dtype)
+        return True
 
     # ------------------------------------------------------------------ network
     def _check_inputs(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> None:
@@ -227,8 +276,9 @@ class LatentNAT(nn.Module):
 
     def _tokens(
         self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor
-    ) -> tuple[Tensor, tuple[int, int]]:
-        """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, and the merged grid ``(h', w')``."""
+    ) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+        """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, the merged grid ``(h', w')`` and,
+        for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None)."""
         self._check_inputs(tokens, x_hat, color_map, cond, entropy)
         h, w = tokens.shape[-2:]
         ent = entropy[:, None].to(x_hat.dtype)
@@ -236,15 +286,23 @@ class LatentNAT(nn.Module):
             visible = (tokens != self.mask_token_id)[:, None].to(x_hat.dtype)
             x_hat, ent = x_hat * visible, ent * visible
         c = self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
-        e = self.tok_emb(tokens.long()) + c.permute(0, 2, 3, 1)
+        e = self.tok_emb(tokens.long())
+        if self.cond_merge is None:
+            e = e + c.permute(0, 2, 3, 1)
         e = self.embed_drop(self.embed_norm(e)).permute(0, 3, 1, 2)  # B x d x h x w
-        ph, pw = (-h) % self.merge, (-w) % self.merge
-        if ph or pw:
-            e = F.pad(e, (0, pw, 0, ph), mode="replicate")
-        m = self.merge_conv(e)  # B x d x h' x w'
+        m = self.merge_conv(self._pad_to_merge(e))  # B x d x h' x w'
         hm, wm = m.shape[-2:]
-        x = m.flatten(2).transpose(1, 2) + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
-        return x, (hm, wm)
+        x = m.flatten(2).transpose(1, 2)
+        if "sincos2d" in self.pos.split("+"):
+            x = x + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
+        if self.cond_merge is None:
+            return x, (hm, wm), None
+        return x, (hm, wm), self.cond_merge(self._pad_to_merge(c)).flatten(2).transpose(1, 2)
+
+    def _pad_to_merge(self, t: Tensor) -> Tensor:
+        """Replicate-pad ``B x C x h x w`` at the bottom / right to multiples of ``merge``."""
+        ph, pw = (-t.shape[-2]) % self.merge, (-t.shape[-1]) % self.merge
+        return F.pad(t, (0, pw, 0, ph), mode="replicate") if ph or pw else t
 
     def features(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> Tensor:
         """Per-position hidden states ``B x h x w x dim`` (before the MLM head).
@@ -255,8 +313,8 @@ class LatentNAT(nn.Module):
             entropy: ``B x h x w`` normalised entropy of the flow distribution.
         """
         b, h, w = tokens.shape
-        x, (hm, wm) = self._tokens(tokens, x_hat, color_map, cond, entropy)
-        x = self.body(x, (hm, wm))
+        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy)
+        x = self.body(x, (hm, wm), cond=ctok)
         x = self.unmerge(x.transpose(1, 2).reshape(b, -1, hm, wm))[:, :, :h, :w]
         return x.permute(0, 2, 3, 1)
 
@@ -270,7 +328,7 @@ class LatentNAT(nn.Module):
         to float rounding).
         """
         b, h, w = tokens.shape
-        x, (hm, wm) = self._tokens(tokens, x_hat, color_map, cond, entropy)
+        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy)
         m = self.merge
         padded = F.pad(query_mask, (0, wm * m - w, 0, hm * m - h))
         need = padded.reshape(b, hm, m, wm, m).any(4).any(2).reshape(b, hm * wm)  # merged tokens covering a query
@@ -280,7 +338,7 @@ class LatentNAT(nn.Module):
             return x.new_zeros(0, x.shape[-1])
         # B x Q token indices, queried tokens first (stable order), padded with repeats that are dropped below
         order = torch.sort((~need).to(torch.int8), dim=1, stable=True).indices[:, :q_max]
-        hq = self.body(x, (hm, wm), query_idx=order)  # B x Q x d
+        hq = self.body(x, (hm, wm), query_idx=order, cond=ctok)  # B x Q x d
         conv = self.unmerge[0]
         y = F.linear(hq, conv.weight.flatten(1), conv.bias).reshape(b, q_max, -1, m, m)  # 1x1 conv per token
         full = y.new_zeros(b, hm * wm, y.shape[2], m, m)
@@ -321,9 +379,11 @@ class LatentNAT(nn.Module):
         return value
 
     def uncertainty(self, x_hat: Tensor, codebook: Tensor) -> CodeUncertainty:
-        """Flow-output code distribution (nat.md §3.2): ``codes`` v0, ``entropy``, ``margin`` (``B x h x w``)."""
+        """Flow-output code distribution (nat.md §3.2): ``codes`` v0, ``entropy``, ``margin`` and ``score`` (the
+        uncertainty of ``uncertainty_source`` that masks and conditions), each ``B x h x w``."""
         self._check_codebook(codebook)
-        return code_uncertainty(x_hat, codebook, self._calibrated("dist_temp"), self.knn, self.chunk)
+        t_d = self._calibrated("dist_temp")
+        return code_uncertainty(x_hat, codebook, t_d, self.knn, self.chunk, self.uncertainty_source)
 
     def _check_codebook(self, codebook: Tensor) -> None:
         if tuple(codebook.shape) != (self.codebook_size, self.code_dim):
@@ -340,7 +400,7 @@ class LatentNAT(nn.Module):
         set_dist_temp: bool = True,
         set_tau: bool = True,
     ) -> dict[str, float]:
-        """Set ``dist_temp`` (median 2nd-1st code gap) and ``tau`` (``1 - rho_target`` entropy quantile).
+        """Set ``dist_temp`` (median 2nd-1st code gap) and ``tau`` (``1 - rho_target`` quantile of the uncertainty).
 
         Args:
             flow_outputs: ``B x code_dim x h x w`` flow outputs on training images (a tensor or an iterable).
@@ -351,7 +411,15 @@ class LatentNAT(nn.Module):
             self.dist_temp.fill_(calibrate_dist_temp(batches, codebook, self.chunk))
         if set_tau:
             self.tau.fill_(
-                calibrate_tau(batches, codebook, self._calibrated("dist_temp"), self.knn, rho_target, self.chunk)
+                calibrate_tau(
+                    batches,
+                    codebook,
+                    self._calibrated("dist_temp"),
+                    self.knn,
+                    rho_target,
+                    self.chunk,
+                    self.uncertainty_source,
+                )
             )
         return {"dist_temp": float(self.dist_temp), "tau": float(self.tau)}
 
@@ -444,20 +512,22 @@ class LatentNAT(nn.Module):
             masked), ``z_q`` (``C[v^T]``), ``codes_init`` (v0) and ``codes`` (v^T) ``B x h x w`` int64,
             ``mask_init`` (M0), ``masks`` (list, mask after each executed round), ``tokens`` (list, ids ``V^(t)``
             after each round, ``K`` where masked), ``mask_union`` (every
-            position ever masked), ``entropy`` / ``margin`` of the flow distribution, ``uncertainty``
-            (normalised entropy of the committing distribution where masked, else ``entropy``; NAT-III's U),
+            position ever masked), ``entropy`` / ``margin`` of the flow distribution, ``score`` (the uncertainty
+            that masked: ``entropy`` unless ``uncertainty_source='margin'``), ``uncertainty`` (normalised entropy
+            of the committing distribution where masked, else ``score``; NAT-III's U),
             ``soft_codes`` (expected code under the committing distribution where masked, else ``C[v^T]``),
             ``n0`` (``B``), ``rounds`` (forward passes run).
         """
         self._check_codebook(codebook)
         unc = self.uncertainty(x_hat, codebook)
-        v0, ent = unc.codes, unc.entropy
+        v0, ent = unc.codes, unc.score  # the uncertainty that masks and conditions (the entropy by default)
         m0 = initial_mask(ent, self._calibrated("tau"), self.rho_max)
         b, h, w = v0.shape
         n = h * w
         n0 = m0.reshape(b, -1).sum(1)
         k_mask = self.mask_token_id
-        out: dict[str, Any] = {"codes_init": v0, "entropy": ent, "margin": unc.margin, "mask_init": m0, "n0": n0}
+        out: dict[str, Any] = {"codes_init": v0, "entropy": unc.entropy, "margin": unc.margin, "score": ent}
+        out.update(mask_init=m0, n0=n0)
 
         v = torch.where(m0, k_mask, v0).reshape(b, n)
         mask = m0.reshape(b, n)

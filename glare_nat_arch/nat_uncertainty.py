@@ -4,7 +4,8 @@ Everything works on plain tensors (no BasicSR import):
 
 * :func:`knn_codes` - chunked squared distances from each latent vector to the codebook, keeping the
   ``k`` nearest codes (never a full ``N x K`` matrix) plus the exact argmin (the quantiser's code).
-* :func:`code_uncertainty` - ``p0 = softmax(-d / T_d)`` over those codes, normalised entropy, margin.
+* :func:`code_uncertainty` - ``p0 = softmax(-d / T_d)`` over those codes, normalised entropy, margin, and the
+  uncertainty score that masks (the entropy, or a margin score: ``uncertainty.source``).
 * :func:`initial_mask` - ``M0 = [H > tau]`` capped at the ``rho_max * N`` highest-entropy positions.
 * :func:`mask_schedule` - ``gamma(t/T)`` for ``t = 1..T`` (fraction of ``N0`` still masked).
 * :func:`calibrate_dist_temp`, :func:`calibrate_tau` - ``T_d`` = median 2nd-1st gap, ``tau`` = quantile.
@@ -27,6 +28,7 @@ from glare_nat_arch.quantize import autocast_off, squared_code_distances
 
 __all__ = [
     "SCHEDULES",
+    "UNCERTAINTY_SOURCES",
     "CodeUncertainty",
     "knn_codes",
     "nearest_codes",
@@ -45,6 +47,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "square", "cubic", "arccos", "root")
+#: Per-position uncertainty scores (nat.md §3.10; ``flow_mc`` and ``critic`` are not implemented).
+UNCERTAINTY_SOURCES = ("entropy", "margin")
 
 
 def _check_latent(z: Tensor, codebook: Tensor, name: str = "latent") -> None:
@@ -123,30 +127,33 @@ class CodeUncertainty:
     margin: Tensor  # d_(2) - d_(1) >= 0
     knn_idx: Tensor  # B x h x w x k nearest code ids
     probs: Tensor  # B x h x w x k, p0 over knn_idx
+    score: Tensor  # the uncertainty in [0, 1] that masks and conditions (UNCERTAINTY_SOURCES)
 
 
 def code_uncertainty(
-    z: Tensor, codebook: Tensor, dist_temp: float, knn: int = 64, chunk: int = 2048
+    z: Tensor, codebook: Tensor, dist_temp: float, knn: int = 64, chunk: int = 2048, source: str = "entropy"
 ) -> CodeUncertainty:
-    """Predictive code distribution of the flow output (design/nat.md §3.2).
+    """Predictive code distribution of the flow output (design/nat.md §3.2) and its uncertainty score.
 
     Args:
         z: ``B x C x h x w`` flow output ``x_hat``.
         codebook: ``K x C``.
         dist_temp: distance temperature ``T_d`` (> 0).
         knn: nearest codes kept (``K >= 2`` required).
+        source: what ``score`` is (nat.md §3.10): ``entropy`` (the normalised entropy ``H``, default) or ``margin``
+            (``exp(-(d_(2) - d_(1)) / T_d)``: the top-2 probability ratio ``p(2) / p(1)`` of ``p0``, 1 at a tie, so
+            it depends on the two nearest codes only, not on the density of the other ``knn - 2``).
     """
     if codebook.shape[0] < 2:
         raise ValueError(f"codebook needs at least 2 codes, got {codebook.shape[0]}")
+    if source not in UNCERTAINTY_SOURCES:
+        raise ValueError(f"uncertainty source {source!r} is not supported; choose one of {UNCERTAINTY_SOURCES}")
     dist, idx, codes = knn_codes(z, codebook, max(2, knn), chunk)
     probs = code_probs(dist, dist_temp)
-    return CodeUncertainty(
-        codes=codes,
-        entropy=normalized_entropy(probs),
-        margin=(dist[..., 1] - dist[..., 0]).clamp_min(0.0),
-        knn_idx=idx,
-        probs=probs,
-    )
+    entropy = normalized_entropy(probs)
+    margin = (dist[..., 1] - dist[..., 0]).clamp_min(0.0)
+    score = entropy if source == "entropy" else torch.exp(-margin / dist_temp)
+    return CodeUncertainty(codes=codes, entropy=entropy, margin=margin, knn_idx=idx, probs=probs, score=score)
 
 
 def topk_mask(scores: Tensor, counts: Tensor, largest: bool = True) -> Tensor:
@@ -284,12 +291,15 @@ def calibrate_tau(
     knn: int = 64,
     rho_target: float = 0.25,
     chunk: int = 2048,
+    source: str = "entropy",
 ) -> float:
-    """``tau`` = the ``(1 - rho_target)`` quantile of the normalised entropy over all positions (§3.3)."""
+    """``tau`` = the ``(1 - rho_target)`` quantile over all positions of the uncertainty score (§3.3; the
+    normalised entropy by default, see :func:`code_uncertainty` for ``source``)."""
     if not 0.0 <= rho_target <= 1.0:
         raise ValueError(f"rho_target must be in [0, 1], got {rho_target}")
     ents = [
-        code_uncertainty(z, codebook, dist_temp, knn, chunk).entropy.reshape(-1).cpu() for z in _as_batches(latents)
+        code_uncertainty(z, codebook, dist_temp, knn, chunk, source).score.reshape(-1).cpu()
+        for z in _as_batches(latents)
     ]
     if not ents:
         raise ValueError("calibrate_tau: no latents given")

@@ -103,24 +103,49 @@ class Mlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: ``x += MHSA(LN(x)); x += MLP(LN(x))``. Shape ``B x N x dim`` in and out."""
+    """Pre-LN block: ``x += MHSA(LN(x)); x += MLP(LN(x))``. Shape ``B x N x dim`` in and out.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    ``adaln``: per-token adaLN-Zero (DiT, applied token by token): ``(shift, scale, gate) x 2 = Linear(SiLU(c))``
+    from a ``B x N x dim`` conditioning ``c``; ``x += gate1 * MHSA(LN(x) * (1 + scale1) + shift1)`` and likewise for
+    the MLP. The modulation is zero-initialised, so the block starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, adaln: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MultiHeadSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), dropout)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln else None
 
-    def forward(self, x: Tensor, query_idx: Tensor | None = None) -> Tensor:
+    def zero_modulation(self) -> None:
+        """adaLN-Zero: the modulation outputs 0 (identity block) until trained."""
+        if self.ada is not None:
+            nn.init.zeros_(self.ada[1].weight)
+            nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, query_idx: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """``B x N x dim`` -> ``B x N x dim``; with ``query_idx`` (``B x Q`` int64) only those tokens' outputs,
-        ``B x Q x dim`` (equal to the full call's rows up to float rounding)."""
+        ``B x Q x dim`` (equal to the full call's rows up to float rounding). ``cond`` (``B x N x dim``) is required
+        by (and only used by) an ``adaln`` block."""
+        if (cond is None) != (self.ada is None):
+            raise ValueError("TransformerBlock: cond must be given exactly when the block is adaln")
+        if self.ada is None:
+            if query_idx is None:
+                x = x + self.attn(self.norm1(x))
+            else:
+                normed = self.norm1(x)
+                x = gather_rows(x, query_idx) + self.attn(normed, gather_rows(normed, query_idx))
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        normed = self.norm1(x) * (1 + scale1) + shift1
         if query_idx is None:
-            x = x + self.attn(self.norm1(x))
+            x = x + gate1 * self.attn(normed)
         else:
-            normed = self.norm1(x)
-            x = gather_rows(x, query_idx) + self.attn(normed, gather_rows(normed, query_idx))
-        return x + self.mlp(self.norm2(x))
+            rows = [gather_rows(t, query_idx) for t in (x, normed, gate1, shift2, scale2, gate2)]
+            x, q, gate1, shift2, scale2, gate2 = rows
+            x = x + gate1 * self.attn(normed, q)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
 class PEG(nn.Module):
@@ -145,6 +170,10 @@ class PEG(nn.Module):
 class TransformerStack(nn.Module):
     """``depth`` pre-LN blocks, an optional PEG after block ``peg_after`` (1-based), then a final LayerNorm.
 
+    With ``long_skips`` (U-ViT / AutoNAT), the output of each of the first ``depth // 2`` blocks is kept and fed to
+    its mirror block of the second half: before block ``depth - 1 - i`` the tokens become
+    ``Linear(2 dim -> dim)([x || skip_i])`` (for odd ``depth`` the middle block has no skip).
+
     Input / output: ``B x (h*w) x dim`` tokens; the grid size ``hw`` is needed only by the PEG.
     """
 
@@ -156,26 +185,43 @@ class TransformerStack(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         peg_after: int | None = 1,
+        long_skips: bool = False,
+        adaln: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"TransformerStack: depth must be >= 1, got {depth}")
         if peg_after is not None and not 1 <= peg_after <= depth:
             raise ValueError(f"TransformerStack: peg_after must be in [1, {depth}] or None, got {peg_after}")
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout, adaln) for _ in range(depth))
         self.peg_after = peg_after
         self.peg = PEG(dim) if peg_after is not None else None
+        n_skips = depth // 2 if long_skips else 0
+        self.skip_proj = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(n_skips)) if n_skips else None
         self.norm = nn.LayerNorm(dim)
         self.apply(init_transformer_weights)
+        for blk in self.blocks:
+            blk.zero_modulation()
 
-    def forward(self, x: Tensor, hw: tuple[int, int], query_idx: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, hw: tuple[int, int], query_idx: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
         """``B x N x dim`` -> ``B x N x dim``, or ``B x Q x dim`` at ``query_idx`` (``B x Q`` int64): the last
         block then runs its queries and MLP on those tokens only (all tokens stay keys and values), exact up to
-        float rounding because nothing after the last block mixes tokens (unless the PEG comes last)."""
-        last = len(self.blocks) - 1
+        float rounding because nothing after the last block mixes tokens (unless the PEG comes last).
+        ``cond``: ``B x N x dim`` per-token conditioning of ``adaln`` stacks."""
+        depth = len(self.blocks)
+        last = depth - 1
         restrict_last = query_idx is not None and not (self.peg is not None and self.peg_after == last + 1)
+        n_skips = len(self.skip_proj) if self.skip_proj is not None else 0
+        skips: list[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, query_idx if (restrict_last and i == last) else None)
+            j = depth - 1 - i  # the mirror of block i
+            if n_skips and j < n_skips:
+                x = self.skip_proj[j](torch.cat([x, skips.pop()], dim=-1))
+            x = blk(x, query_idx if (restrict_last and i == last) else None, cond)
+            if i < n_skips:
+                skips.append(x)
             if self.peg is not None and i + 1 == self.peg_after:
                 x = self.peg(x, hw)
         if query_idx is not None and not restrict_last:

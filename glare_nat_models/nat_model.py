@@ -164,16 +164,33 @@ class NATValStats:
     Per image: flow codes ``v0``, NAT codes ``v^T``, teacher codes ``y``, initial mask ``M0`` and entropy ``H``
     (``B x h x w``). :meth:`summary` gives a flat dict: counts, ``masked_frac`` = |M0| / N, token accuracies of the
     flow and NAT codes on M0 (``acc_flow_masked``, ``acc_nat_masked``) and everywhere (``acc_flow_all``,
-    ``acc_nat_all``), and ``auroc_entropy`` = AUROC(H -> [v0 != y]) over all positions (None if undefined).
+    ``acc_nat_all``), ``auroc_entropy`` = AUROC(H -> [v0 != y]) over all positions (None if undefined) and
+    ``auroc_score``, the same for the uncertainty that masks (``nat2.uncertainty.source``; equal to
+    ``auroc_entropy`` for the default ``entropy``), and the mean PSNR of every image set given to :meth:`add_psnr`
+    as ``psnr_<name>`` (the oracle rows of nat.md T8).
     """
 
     def __init__(self) -> None:
         self.n_images = 0
         self.counts = {"pos": 0, "masked": 0, "flow_ok_m": 0, "nat_ok_m": 0, "flow_ok": 0, "nat_ok": 0}
         self.entropy: list[Tensor] = []
+        self.score: list[Tensor] = []
         self.wrong: list[Tensor] = []
+        self.psnr: dict[str, list[float]] = {}
 
-    def update(self, v0: Tensor, v_nat: Tensor, y: Tensor, mask0: Tensor, entropy: Tensor) -> None:
+    def add_psnr(self, name: str, output: Tensor, gt: Tensor) -> None:
+        """Per-image PSNR ``10 log10(1 / MSE)`` of ``output`` (clamped to [0, 1]) against ``gt`` (``B x 3 x H x W``
+        floats in [0, 1]; float64, no rounding) under ``psnr_<name>``."""
+        if output.shape != gt.shape:
+            raise ValueError(f"NATValStats.add_psnr({name!r}): output {tuple(output.shape)} vs gt {tuple(gt.shape)}")
+        mse = (output.double().clamp(0, 1) - gt.double()).pow(2).flatten(1).mean(1)
+        self.psnr.setdefault(name, []).extend((10 * torch.log10(1 / mse)).tolist())
+
+    def update(
+        self, v0: Tensor, v_nat: Tensor, y: Tensor, mask0: Tensor, entropy: Tensor, score: Tensor | None = None
+    ) -> None:
+        """All ``B x h x w``: flow codes, NAT codes, teacher codes, initial mask, flow entropy and (default: the
+        entropy) the uncertainty score that masked."""
         flow_ok, nat_ok = v0 == y, v_nat == y
         c = self.counts
         c["pos"] += y.numel()
@@ -184,6 +201,7 @@ class NATValStats:
         c["nat_ok"] += int(nat_ok.sum())
         self.n_images += y.shape[0]
         self.entropy.append(entropy.detach().float().reshape(-1).cpu())
+        self.score.append((entropy if score is None else score).detach().float().reshape(-1).cpu())
         self.wrong.append((~flow_ok).reshape(-1).cpu())
 
     def summary(self) -> dict[str, float | int | None]:
@@ -192,7 +210,9 @@ class NATValStats:
         def ratio(a: int, b: int) -> float | None:
             return a / b if b else None
 
-        auroc = binary_auroc(torch.cat(self.entropy), torch.cat(self.wrong)) if self.entropy else None
+        wrong = torch.cat(self.wrong) if self.wrong else None
+        auroc = binary_auroc(torch.cat(self.entropy), wrong) if self.entropy else None
+        auroc_score = binary_auroc(torch.cat(self.score), wrong) if self.score else None
         return {
             "n_images": self.n_images,
             "n_positions": c["pos"],
@@ -203,6 +223,8 @@ class NATValStats:
             "acc_flow_all": ratio(c["flow_ok"], c["pos"]),
             "acc_nat_all": ratio(c["nat_ok"], c["pos"]),
             "auroc_entropy": auroc,
+            "auroc_score": auroc_score,
+            **{f"psnr_{name}": sum(v) / len(v) for name, v in self.psnr.items()},
         }
 
 
@@ -405,7 +427,11 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
         if not bare.nat2_enabled:
             raise ValueError("GLARENATModel: network_g.nat2 must be given and enabled (nat2.enable: true)")
         has_stage2 = self._load_part("stage2", STAGE2_PREFIXES)
-        self._load_part("nat2", ("nat2.",), default_key="params_ema")
+        has_nat2 = self._load_part("nat2", ("nat2.",), default_key="params_ema")
+        if self.is_train and not has_nat2 and self.opt["path"].get("pretrain_network_g") is None:
+            # fresh NAT-II weights (a resume or pretrained file sets pretrain_network_g and keeps its own)
+            if bare.nat2.init_token_embedding(vqgan_codebook(self.net_vq)):
+                get_root_logger().info("NAT-II token embedding initialised from the codebook (tok_init: codebook_lift)")
         if self.is_train and not has_stage2 and self.opt["path"].get("pretrain_network_g") is None:
             raise KeyError(
                 "GLARENATModel training needs path.pretrain_network_stage2 (the Stage-II checkpoint) or "
@@ -432,7 +458,8 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def training_tokens(self, rev: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Input ids ``V``, loss mask ``M`` and flow entropy ``H`` (all ``B x h x w``) of one batch (nat.md §3.8)."""
+        """Input ids ``V``, loss mask ``M`` and the flow uncertainty ``H`` (the normalised entropy, or the margin
+        score with ``uncertainty.source: margin``; all ``B x h x w``) of one batch (nat.md §3.8)."""
         cfg, nat2 = self.nat_train, self.bare_net().nat2
         codebook = vqgan_codebook(self.net_vq)
         unc = nat2.uncertainty(rev["z_hat"], codebook)
@@ -441,7 +468,7 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
             pick = torch.rand(y.shape[0], device=y.device) < float(cfg["p_gt_visible"])
             visible = torch.where(pick[:, None, None], y, visible)
         mask = sample_train_mask(
-            unc.entropy, float(cfg["r_min"]), float(cfg["r_max"]), float(cfg["beta_entropy"]), None, cfg["r_dist"]
+            unc.score, float(cfg["r_min"]), float(cfg["r_max"]), float(cfg["beta_entropy"]), None, cfg["r_dist"]
         )
         tokens = torch.where(mask, nat2.mask_token_id, visible)
         if nat2.iters > 1 and random.random() < float(cfg["unroll_p"]):
@@ -452,7 +479,7 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
             nat2.train(was_training)
             if ref["rounds"] >= t_star and bool(ref["masks"][t_star - 1].any()):
                 tokens, mask = ref["tokens"][t_star - 1], ref["masks"][t_star - 1]
-        return tokens, mask, unc.entropy
+        return tokens, mask, unc.score
 
     def optimize_parameters(self, current_iter: int) -> None:
         self.set_train_mode()
@@ -507,8 +534,23 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
             y = self.net_vq.quantize.nearest_indices(self.net_vq.encode(gt))
         rows = slice(top // f, -(-(top + h) // f))
         cols = slice(left // f, -(-(left + w) // f))
-        maps = [ref["codes_init"], ref["codes"], y, ref["mask_init"], ref["entropy"]]
+        maps = [ref["codes_init"], ref["codes"], y, ref["mask_init"], ref["entropy"], ref["score"]]
         self._val_stats.update(*(m[:, rows, cols] for m in maps))
+        self.oracle_psnr(ref, y, (top, h, left, w))
+
+    @torch.no_grad()
+    def oracle_psnr(self, ref: Mapping[str, Any], y: Tensor, crop: tuple[int, int, int, int]) -> None:
+        """nat.md T8: PSNR of the NAT output and of images decoded from (a) the flow's codes v0 (= Stage II without
+        NAT), (b) v0 with the teacher codes at the initially masked positions (the most NAT-II can reach) and (c)
+        the teacher codes everywhere (the VQGAN's own ceiling); NAT gains read against (b) - (a)."""
+        top, h, left, w = crop
+        stats = self._val_stats
+        stats.add_psnr("nat", self.output, self.gt)
+        v0, m0 = ref["codes_init"], ref["mask_init"]
+        oracles = {"oracle_flow_codes": v0, "oracle_gt_at_mask0": torch.where(m0, y, v0), "oracle_all_gt": y}
+        for name, codes in oracles.items():
+            rgb, _ = self.net_vq.decode_indices(codes)
+            stats.add_psnr(name, rgb[..., top : top + h, left : left + w].float(), self.gt)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         """Stock image metrics of the Stage-II + NAT-II output, then the NAT token statistics (logged + JSON)."""

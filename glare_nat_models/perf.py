@@ -13,6 +13,8 @@ Used by ``scripts/bench_inference.py`` (the CLI, see ``docs/performance.md``). P
 * :func:`measure`: warm-up, then the median latency of repeats (``torch.cuda.synchronize`` on GPU) and the peak
   CUDA memory of the call (``torch.cuda.max_memory_allocated``). CPU peak memory is measured by the CLI as the
   peak RSS of one subprocess per variant (RSS high-water marks cannot be reset in-process): :func:`rss_bytes`.
+* :func:`count_macs` / :func:`mac_counter`: multiply-accumulates of a call (``FlopCounterMode`` plus formulas for
+  the CPU SDPA kernel and ``torchvision::deform_conv2d``, which torch has none for); also on ``meta`` tensors.
 * :func:`make_train_step`: one forward + backward + optimizer step of Stage I (VQGAN, L1 + LPIPS + codebook +
   adaptive hinge GAN, generator and discriminator steps), Stage II (flow NLL) or Stage III (AFT: L1 + VGG16
   perceptual + MS-SSIM) for training throughput. Loss networks (AlexNet-LPIPS, VGG16) use random weights: same
@@ -56,6 +58,10 @@ __all__ = [
     "Measurement",
     "measure",
     "LiveTensorBytes",
+    "sdpa_macs_from_shapes",
+    "deform_macs_from_shapes",
+    "mac_counter",
+    "count_macs",
     "rss_bytes",
     "peak_rss_bytes",
     "output_difference",
@@ -222,6 +228,47 @@ def capture_code_indices(vqgan: GLAREVQGAN, store: list[Tensor]) -> torch.utils.
 # --------------------------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------------------------
+def sdpa_macs_from_shapes(q: list[int], k: list[int], v: list[int]) -> int:
+    """q (..., N, d), k (..., M, d), v (..., M, dv) -> batch*heads*(N*M*d + N*M*dv)."""
+    batch = 1
+    for s in q[:-2]:
+        batch *= s
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def deform_macs_from_shapes(weight: list[int], out: list[int]) -> int:
+    """Dense-conv equivalent of a deformable conv: B*C_out*H_out*W_out*C_in/groups*kh*kw."""
+    c_out, cin_per_group, kh, kw = weight
+    return out[0] * c_out * out[2] * out[3] * cin_per_group * kh * kw
+
+
+def mac_counter():
+    """A ``FlopCounterMode`` (no display) that also counts the CPU flash-attention kernel and
+    ``torchvision::deform_conv2d`` (no formula in torch). Its ``get_total_flops() // 2`` are MACs: convolutions and
+    matrix products (incl. attention and the tap-wise DCN's GEMMs); norms, sampling and element-wise ops are not
+    counted. Nests with :class:`LiveTensorBytes`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def deform_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs):
+        return 2 * deform_macs_from_shapes(list(weight_shape), list(out_shape))
+
+    def cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+        return 2 * sdpa_macs_from_shapes(list(q_shape), list(k_shape), list(v_shape))
+
+    mapping = {  # keyed by overload packet
+        torch.ops.torchvision.deform_conv2d: deform_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
+    }
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_macs(fn: Callable, inputs: tuple = ()) -> int:
+    """MACs of ``fn(*inputs)`` (see :func:`mac_counter`); works on ``meta`` tensors."""
+    with mac_counter() as counter:
+        fn(*inputs)
+    return counter.get_total_flops() // 2
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of tensor storages allocated inside the mode and still alive (a CPU peak-memory probe).
 

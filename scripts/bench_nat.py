@@ -16,7 +16,9 @@ smoke test).
 Latency: mean (and sd) of ``--runs`` timed runs after ``--warmup`` runs (CUDA events on a GPU). Peak memory: bytes of
 the path's weights plus the peak of the tensors its forward allocates (CUDA: ``max_memory_allocated`` minus the
 memory allocated before the call; CPU: live tensor storages tracked op by op, kernel scratch space excluded).
-Overheads are ``nat / base - 1`` against the targets of the seeds (10% latency, 12% memory).
+Overheads are ``nat / base - 1`` against the targets of the seeds (10% latency, 12% memory). The multiply-accumulates
+of each path (one more, untimed call under ``FlopCounterMode``) and their overhead are printed too: exact, so they
+tell a real overhead from timing noise on a busy machine.
 
 Usage::
 
@@ -47,7 +49,7 @@ import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
-from glare_nat_models.perf import LiveTensorBytes  # noqa: E402
+from glare_nat_models.perf import LiveTensorBytes, mac_counter  # noqa: E402
 from glare_nat_models.perf import measure as perf_measure  # noqa: E402
 
 TARGETS = {"latency": 0.10, "memory": 0.12}
@@ -117,7 +119,8 @@ def _build(cfg: dict, device: torch.device) -> tuple[GLAREVQGAN, GLARENATNet, GL
     flow = GLARENATFlowNet(**cfg["glare"], codebook_size=k, nat2=cfg["nat2"])
     shared = {n: v for n, v in net.state_dict().items() if n.startswith(("RRDB.", "flowUpsamplerNet.", "nat2."))}
     flow.load_state_dict(shared, strict=True)
-    return vq.to(device).eval(), net.to(device).eval(), flow.to(device).eval()
+    # inference only; frozen weights also keep FlopCounterMode's module tracker off views of parameters
+    return tuple(m.to(device).eval().requires_grad_(False) for m in (vq, net, flow))
 
 
 @torch.no_grad()
@@ -184,22 +187,19 @@ def autocast(device: torch.device, amp: str | None):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, amp: str | None) -> dict[str, float]:
-    """Latency (ms: wall mean, sd, median; process CPU-time median) and peak activation bytes of ``fn(x)``.
+    """Latency (ms: wall mean, sd, median; process CPU-time median), peak activation bytes and MACs of ``fn(x)``.
 
-    Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; on the CPU the activation peak is
-    the peak of live tensor storages during one more call (:class:`LiveTensorBytes`).
+    Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; one more, untimed call counts the
+    multiply-accumulates (:func:`glare_nat_models.perf.mac_counter`: noise-free, what CPU time follows) and, on the
+    CPU, the peak of live tensor storages (:class:`LiveTensorBytes`).
     """
     dev = x.device
     with autocast(dev, amp):
         m = perf_measure(lambda: fn(x), dev, warmup=warmup, repeats=runs)
-        if dev.type == "cuda":
-            act = m.peak_bytes - m.base_bytes
-        else:
-            with LiveTensorBytes() as probe:
-                fn(x)
-            act = probe.peak
+        with LiveTensorBytes() if dev.type != "cuda" else contextlib.nullcontext() as probe, mac_counter() as macs:
+            fn(x)
+        act = m.peak_bytes - m.base_bytes if dev.type == "cuda" else probe.peak
     del m.output
     ms = [t * 1e3 for t in m.times]
     return {
@@ -208,6 +208,7 @@ def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, a
         "ms_median": statistics.median(ms),
         "cpu_ms_median": m.cpu_median * 1e3,
         "act_bytes": act,
+        "macs": macs.get_total_flops() // 2,
     }
 
 
@@ -236,6 +237,8 @@ def header_lines(results: dict) -> list[str]:
         f"targets: latency overhead <= {TARGETS['latency']:.0%}, memory overhead <= {TARGETS['memory']:.0%} "
         "(overhead = path with NAT / same path without NAT - 1"
         + ("; CPU: latency = wall ms (process CPU ms), overhead from CPU time)" if cpu else "; mean ± sd ms)"),
+        "GMAC: multiply-accumulates of one call (convolutions, matrix products, attention; norms and element-wise "
+        "ops not counted), exact and free of timing noise; CPU time follows it",
     ]
 
 
@@ -245,8 +248,8 @@ def size_lines(info: dict) -> list[str]:
         f"== {info['size']} (latent {info['latent'][0]}x{info['latent'][1]}; NAT-II masks "
         f"{info['nat2_masked_frac']:.1%} of the positions in {info['nat2_rounds']} rounds, NAT-III "
         f"{info['nat3_masked_frac']:.1%} of the patches)",
-        f"{'path':<30}{'latency ms':>18}{'weights MiB':>13}{'activ. MiB':>12}{'peak MiB':>11}"
-        f"{'latency +':>14}{'memory +':>14}",
+        f"{'path':<30}{'latency ms':>18}{'GMAC':>9}{'weights MiB':>13}{'activ. MiB':>12}{'peak MiB':>11}"
+        f"{'latency +':>14}{'memory +':>14}{'MACs +':>9}",
     ]
 
 
@@ -260,8 +263,10 @@ def path_line(name: str, r: dict, cpu: bool) -> str:
     lat = f"{r['ms']:.2f} ± {r['ms_sd']:.2f}"
     if cpu:
         lat = f"{r['ms_median']:.0f} ({r['cpu_ms_median']:.0f} cpu)"
+    if r["base"] is not None:
+        over += f"{r['mac_overhead']:>+9.1%}"
     return (
-        f"{name:<30}{lat:>18}{r['weight_bytes'] / MIB:>13.1f}{r['act_bytes'] / MIB:>12.1f}"
+        f"{name:<30}{lat:>18}{r['macs'] / 1e9:>9.1f}{r['weight_bytes'] / MIB:>13.1f}{r['act_bytes'] / MIB:>12.1f}"
         f"{r['peak_bytes'] / MIB:>11.1f}{over}"
     )
 
@@ -298,6 +303,7 @@ def bench_size(vq, net, flow, size, args, device, emit: Callable[[str], None]) -
             key = "ms" if device.type == "cuda" else "cpu_ms_median"  # CPU: process time, robust to other load
             res["latency_overhead"] = res[key] / b[key] - 1.0
             res["memory_overhead"] = res["peak_bytes"] / b["peak_bytes"] - 1.0
+            res["mac_overhead"] = res["macs"] / b["macs"] - 1.0
         info["paths"][name] = res
         emit(path_line(name, res, device.type != "cuda"))
         if device.type == "cuda":

@@ -40,6 +40,7 @@ from torch import nn  # noqa: E402
 import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
+from glare_nat_models import perf  # noqa: E402
 
 TINY = {
     "vqgan": dict(ch=32, ch_mult=(1, 2, 1), n_embed=64),
@@ -59,43 +60,15 @@ _MM_NOT_COUNTED = (
 STAGES = ("E_c", "flow", "D_NL", "D_MF")
 
 
-# ----------------------------------------------------------------------------------------------- formulas
-def sdpa_macs_from_shapes(q: list[int], k: list[int], v: list[int]) -> int:
-    """q (..., N, d), k (..., M, d), v (..., M, dv) -> batch*heads*(N*M*d + N*M*dv)."""
-    batch = 1
-    for s in q[:-2]:
-        batch *= s
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
-def deform_macs_from_shapes(weight: list[int], out: list[int]) -> int:
-    """Dense-conv equivalent of a deformable conv: B*C_out*H_out*W_out*C_in/groups*kh*kw."""
-    c_out, cin_per_group, kh, kw = weight
-    return out[0] * c_out * out[2] * out[3] * cin_per_group * kh * kw
-
-
 # ----------------------------------------------------------------------------------------------- backends
+# shared with scripts/bench_nat.py: one formula per op
+sdpa_macs_from_shapes = perf.sdpa_macs_from_shapes
+deform_macs_from_shapes = perf.deform_macs_from_shapes
+count_torch = perf.count_macs  # MACs of fn(*inputs) with FlopCounterMode (works on meta tensors)
+
+
 def _zero(inputs: list, outputs: list) -> int:
     return 0
-
-
-def count_torch(fn: Callable, inputs: tuple) -> int:
-    """MACs of ``fn(*inputs)`` with FlopCounterMode (works on meta tensors). FLOPs / 2 = MACs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def deform_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs):
-        return 2 * deform_macs_from_shapes(list(weight_shape), list(out_shape))
-
-    def cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
-        return 2 * sdpa_macs_from_shapes(list(q_shape), list(k_shape), list(v_shape))
-
-    mapping = {  # keyed by overload packet; neither op has a formula in torch itself
-        torch.ops.torchvision.deform_conv2d: deform_flops,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
-    }
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn(*inputs)
-    return counter.get_total_flops() // 2
 
 
 class _Call(nn.Module):
@@ -173,7 +146,8 @@ def build(tiny: bool, device: str) -> tuple[GLARENet, GLAREVQGAN]:
     """GLARENet and GLAREVQGAN at tiny or official sizes, on ``meta`` (no memory) or ``cpu``."""
     cfg = TINY if tiny else OFFICIAL
     with torch.device(device):
-        net = GLARENet(**cfg["net"]).eval()
+        # the official im2col DCN at every size (same MACs as the tap-wise one, and countable on ``meta``)
+        net = GLARENet(**cfg["net"], dcn_impl="im2col").eval()
         vqgan = GLAREVQGAN(**cfg["vqgan"]).eval()
     return net, vqgan
 

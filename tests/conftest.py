@@ -42,11 +42,20 @@ def golden() -> dict:
     return torch.load(path, weights_only=True)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """One thread per test: tiny ops run faster and are immune to OpenMP spin contention on a busy 2-core box
-    (the Makefile sets OMP_NUM_THREADS=1 for the same reason)."""
+    """One thread for the whole session: tiny ops run faster and are immune to OpenMP spin contention on a busy
+    2-core box (the Makefile sets OMP_NUM_THREADS=1 for the same reason). Session scope, so module fixtures that
+    bit-exact tests compare against are computed with the same thread count as the tests themselves (a float64
+    reduction split over 2 threads rounds differently), whatever OMP_NUM_THREADS the caller set."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _keep_one_thread(_one_thread):
+    """A test that changes the thread count does not leak it into the next one."""
+    yield
+    torch.set_num_threads(1)

@@ -349,6 +349,7 @@ def test_count_params_macs_backends_agree_and_official_params():
     real = count_params_macs.mac_table(net_cpu, vq_cpu, 16, 24, backend="mmengine")
     assert meta == real and all(meta[s] > 0 for s in count_params_macs.STAGES)
     net, vq = count_params_macs.build(tiny=False, device="meta")
+    assert {m.impl for m in net.modules() if hasattr(m, "uses_tapwise")} == {"im2col"}  # countable at any size
     rows = count_params_macs.param_table(net, vq)
     assert rows["net_G.pth (E_c + flow + D_MF, incl. unused)"] == 71_715_259
     assert rows["VQGAN (vqgan.pkl core: E_NL, Q, D_NL, 1x1 convs)"] == 60_581_022

@@ -550,3 +550,134 @@ def test_refine_without_stats_decodes_the_same_codes():
         b = net.refine(x_hat, codebook, color_map, cond, stats=False)
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["z_out"], b["z_out"])
     assert b["uncertainty"] is None and b["soft_codes"] is None and a["uncertainty"] is not None
+
+
+# ------------------------------------------------------- ablation knobs (nat.md §6.1)
+def test_margin_uncertainty_is_the_top2_probability_ratio_and_drives_the_mask():
+    """``uncertainty.source: margin``: score = exp(-(d2 - d1) / T_d) = p0(2nd) / p0(1st), 1 at a tie; tau is its
+    quantile and the initial mask is score > tau; the entropy stays reported."""
+    codebook = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [5.0, 0, 0], [9.0, 0, 0]])
+    z = torch.tensor([[0.0, 0, 0], [0.5, 0, 0]]).t().reshape(1, 3, 1, 2)
+    unc = code_uncertainty(z, codebook, dist_temp=0.5, knn=4, source="margin")
+    assert torch.allclose(unc.score, torch.tensor([[[math.exp(-2.0), 1.0]]]))
+    assert torch.allclose(unc.score, unc.probs[..., 1] / unc.probs[..., 0])
+    assert torch.equal(code_uncertainty(z, codebook, 0.5, knn=4).score, unc.entropy)  # default: the entropy
+    with pytest.raises(ValueError, match="flow_mc"):
+        code_uncertainty(z, codebook, 0.5, knn=4, source="flow_mc")
+
+    x_hat, codebook, color_map, cond = inputs()
+    net = tiny_latent_nat(dist_temp=None, tau=None, uncertainty_source="margin")
+    cal = net.calibrate(x_hat, codebook, rho_target=0.25)
+    score = code_uncertainty(x_hat, codebook, cal["dist_temp"], knn=8, source="margin").score
+    assert cal["tau"] == pytest.approx(float(np.quantile(score.numpy(), 0.75)), abs=1e-6)
+    out = net.refine(x_hat, codebook, color_map, cond)
+    assert torch.equal(out["mask_init"], score > cal["tau"]) and torch.equal(out["score"], score)
+    entropy = code_uncertainty(x_hat, codebook, cal["dist_temp"], knn=8).entropy
+    assert torch.equal(out["entropy"], entropy) and not torch.equal(out["mask_init"], entropy > cal["tau"])
+    with pytest.raises(ValueError, match="uncertainty_source"):
+        tiny_latent_nat(uncertainty_source="critic")
+
+
+@pytest.mark.parametrize("pos,peg", [("sincos2d+peg", True), ("sincos2d", False), ("peg", True)])
+def test_position_encoding_choices(pos, peg):
+    nat = tiny_latent_nat(pos=pos)
+    assert (nat.body.peg is not None) == peg
+    assert any(k.startswith("body.peg.") for k in nat.state_dict()) == peg
+    x_hat, codebook, color_map, cond = inputs(b=1)
+    tokens = torch.randint(0, K + 1, (1, 7, 9))
+    ent = torch.rand(1, 7, 9)
+    x, _, _ = nat._tokens(tokens, x_hat, color_map, cond, ent)
+    with torch.no_grad():
+        nat.pos = "peg"
+        no_sincos, _, _ = nat._tokens(tokens, x_hat, color_map, cond, ent)
+    assert torch.equal(x, no_sincos) == (pos == "peg")  # the sin-cos table is added only when named
+    with pytest.raises(ValueError, match="pos"):
+        tiny_latent_nat(pos="learned1d")
+
+
+def test_long_skips_feed_each_block_output_to_its_mirror():
+    """U-ViT skips: with every skip projection set to pass the skip through, the input of block depth-1-i is the
+    output of block i (LIFO pairing); the middle block of an odd stack has none."""
+    torch.manual_seed(0)
+    stack = TransformerStack(16, depth=5, heads=2, peg_after=None, long_skips=True).eval()
+    assert len(stack.skip_proj) == 2
+    with torch.no_grad():
+        for proj in stack.skip_proj:
+            proj.weight.zero_()
+            proj.weight[:, 16:] = torch.eye(16)
+            proj.bias.zero_()
+    ins, outs = {}, {}
+    for i, blk in enumerate(stack.blocks):
+        blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
+        blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
+    with torch.no_grad():
+        stack(torch.randn(2, 12, 16), (3, 4))
+    assert torch.equal(ins[4], outs[0]) and torch.equal(ins[3], outs[1])
+    assert torch.equal(ins[2], outs[1]) and torch.equal(ins[1], outs[0])  # no skip before the middle block
+    assert TransformerStack(16, depth=4, heads=2, long_skips=False).skip_proj is None
+
+
+@pytest.mark.parametrize("pos,cond_mode", [("sincos2d", "additive"), ("peg", "adaln"), ("sincos2d+peg", "adaln")])
+def test_query_features_stay_exact_with_long_skips_and_other_positions(pos, cond_mode):
+    torch.manual_seed(0)
+    nat = LatentNAT(
+        K, dim=32, depth=4, heads=2, cond_channels=COND, dropout=0.0, pos=pos, uvit_skips=True, cond_mode=cond_mode
+    )
+    nat = nat.eval().double()
+    with torch.no_grad():  # non-zero modulation, so the adaLN path is exercised
+        for p in nat.body.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_hat, _, color_map, cond = (t.double() for t in inputs(b=2, h=7, w=9))
+    tokens = torch.randint(0, K + 1, (2, 7, 9))
+    entropy = torch.rand(2, 7, 9, dtype=torch.float64)
+    query = torch.rand(2, 7, 9) < 0.3
+    full = nat.features(tokens, x_hat, color_map, cond, entropy)[query]
+    fast = nat.query_features(tokens, x_hat, color_map, cond, entropy, query)
+    assert (fast - full).abs().max().item() < 1e-12
+
+
+def test_codebook_lift_gives_neighbouring_codes_similar_embeddings():
+    _, codebook, _, _ = inputs()
+    nat = tiny_latent_nat(tok_init="codebook_lift")
+    mask_row = nat.tok_emb.weight[K].clone()
+    assert nat.init_token_embedding(codebook, torch.Generator().manual_seed(0))
+    emb = nat.tok_emb.weight[:K].detach()
+    assert torch.equal(nat.tok_emb.weight[K], mask_row)
+    iu = torch.triu_indices(K, K, 1)
+    d_code = torch.cdist(codebook, codebook)[iu[0], iu[1]]
+    d_emb = torch.cdist(emb, emb)[iu[0], iu[1]]
+    corr = torch.corrcoef(torch.stack([d_code, d_emb]))[0, 1]
+    assert corr > 0.5  # random rows alone: no relation to the code geometry
+    plain = tiny_latent_nat()
+    before = plain.tok_emb.weight.detach().clone()
+    assert not plain.init_token_embedding(codebook) and torch.equal(plain.tok_emb.weight, before)
+    rnd = torch.cdist(before[:K], before[:K])[iu[0], iu[1]]
+    assert abs(float(torch.corrcoef(torch.stack([d_code, rnd]))[0, 1])) < 0.3
+
+
+def test_adaln_conditions_through_the_modulation_only_and_starts_as_identity_blocks():
+    """``cond_mode: adaln``: the conditioning is not added to the tokens; each block's zero-initialised modulation
+    makes it the identity at first; once trained, changing the low-light features changes the output."""
+    x_hat, codebook, color_map, cond = inputs(b=1)
+    tokens = torch.randint(0, K + 1, (1, 7, 9))
+    ent = torch.rand(1, 7, 9)
+    nat = tiny_latent_nat(cond_mode="adaln")
+    x, hw, ctok = nat._tokens(tokens, x_hat, color_map, cond, ent)
+    assert ctok is not None and ctok.shape == x.shape
+    x2, _, ctok2 = nat._tokens(tokens, x_hat, color_map, cond + 1.0, ent)
+    assert torch.equal(x, x2) and not torch.equal(ctok, ctok2)  # tokens carry no conditioning
+    blk = nat.body.blocks[0]
+    assert torch.equal(blk(x, cond=ctok), x)  # adaLN-Zero: identity block at init
+    with pytest.raises(ValueError, match="adaln"):
+        blk(x)
+    with torch.no_grad():
+        for b in nat.body.blocks:
+            b.ada[1].weight.normal_(0, 0.05)
+        f1 = nat.features(tokens, x_hat, color_map, cond, ent)
+        f2 = nat.features(tokens, x_hat, color_map, cond + 1.0, ent)
+    assert not torch.allclose(f1, f2)
+    out = nat.refine(x_hat, codebook, color_map, cond)  # the decoding contract holds in this mode too
+    assert not out["masks"][-1].any() and torch.equal(
+        out["codes"][~out["mask_init"]], out["codes_init"][~out["mask_init"]]
+    )
+    assert tiny_latent_nat().cond_merge is None and tiny_latent_nat().body.blocks[0].ada is None

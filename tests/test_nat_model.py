@@ -27,6 +27,7 @@ from glare_nat_arch.glare_nat_arch import (
     NAT2_DEFAULTS,
     SUPPORTED_VALUES,
     GLARENATNet,
+    build_latent_nat,
     resolve_nat_config,
 )
 from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau
@@ -186,8 +187,14 @@ def test_omitted_knobs_take_the_spec_defaults_and_bad_knobs_are_named():
     assert resolve_nat_config({"decode": {"iters": 2}}, NAT2_DEFAULTS, "x")["decode"]["schedule"] == "cosine"
     with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.dimm is unknown"):
         resolve_nat_config({"model": {"dimm": 3}}, NAT2_DEFAULTS, "network_g.nat2")
-    with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.uvit_skips = True is not implemented"):
-        resolve_nat_config({"model": {"uvit_skips": True}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
+    with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.cond_mode = 'xattn' is not implemented"):
+        resolve_nat_config({"model": {"cond_mode": "xattn"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
+    ablations = {"model": {"uvit_skips": True, "pos": "peg", "tok_init": "codebook_lift", "cond_mode": "adaln"}}
+    ablations["uncertainty"] = {"source": "margin"}
+    cfg = resolve_nat_config(ablations, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
+    nat = build_latent_nat(cfg, codebook_size=16, code_dim=3, cond_channels=4)
+    assert nat.body.skip_proj is not None and nat.body.peg is not None and nat.pos == "peg"
+    assert nat.tok_init == "codebook_lift" and nat.uncertainty_source == "margin" and nat.cond_merge is not None
     with pytest.raises(ValueError, match=r"train\.nat2\.r_maxx"):
         resolve_nat_config({"r_maxx": 1}, nat_model.NAT2_TRAIN_DEFAULTS, "train.nat2")
 
@@ -229,6 +236,28 @@ def test_glare_part_keeps_official_names_and_nats_live_under_their_prefixes():
     keys = set(build_network(deepcopy(opt)).state_dict())
     assert {k for k in keys if k.startswith(GLARE_PREFIXES)} == plain
     assert {k.split(".")[0] for k in keys - plain} == {"nat2", "nat3"}
+
+
+def test_codebook_lift_initialises_only_a_fresh_nat2(tmp_path, ckpts):
+    """``tok_init: codebook_lift`` rewrites the code rows of a fresh NAT-II from the frozen codebook (also in the EMA
+    copy); NAT-II weights loaded from a file are kept."""
+    opt = set_nat(make_opt("tiny_stage2_nat.yml", tmp_path, stage2_paths(ckpts)), dist_temp=0.01, tau=0.3)
+    opt["network_g"]["nat2"].setdefault("model", {})["tok_init"] = "codebook_lift"
+    torch.manual_seed(0)
+    plain_opt = deepcopy(opt)
+    plain_opt["network_g"]["nat2"]["model"]["tok_init"] = "random"
+    plain = build_model(plain_opt).net_g.nat2.tok_emb.weight
+    torch.manual_seed(0)
+    model = build_model(opt)
+    lifted = model.net_g.nat2.tok_emb.weight
+    k = model.net_g.nat2.codebook_size
+    assert not torch.allclose(lifted[:k], plain[:k]) and torch.equal(lifted[k], plain[k])
+    assert torch.equal(model.net_g_ema.nat2.tok_emb.weight, lifted)
+    loaded_opt = deepcopy(opt)
+    loaded_opt["path"]["pretrain_network_nat2"] = ckpts["nat2"]
+    loaded = build_model(loaded_opt).net_g.nat2.tok_emb.weight
+    saved = torch.load(ckpts["nat2"], weights_only=True)["params"]["nat2.tok_emb.weight"]
+    assert torch.equal(loaded, saved)
 
 
 # ------------------------------------------------------------------------------------------------- bit identity
@@ -412,14 +441,32 @@ def test_validation_logs_nat_token_statistics_as_json(tmp_path, ckpts):
     # recompute every statistic directly from the network, image by image
     net = model.get_bare_model(model.net_g).eval()
     v0, vt, ys, m0, ent = [], [], [], [], []
+    psnr: dict[str, list[float]] = {"nat": [], "oracle_flow_codes": [], "oracle_gt_at_mask0": [], "oracle_all_gt": []}
+
+    def db(img: torch.Tensor, gt: torch.Tensor) -> float:
+        return float(10 * torch.log10(1 / (img.double().clamp(0, 1) - gt.double()).pow(2).mean()))
+
     with torch.no_grad():
         for item in loader.dataset:
-            ref = net.enhance(item["lq"][None], model.net_vq, return_intermediates=True)["refine"]
-            ys.append(model.net_vq.quantize.nearest_indices(model.net_vq.encode(item["gt"][None])).flatten())
+            out = net.enhance(item["lq"][None], model.net_vq, return_intermediates=True)
+            ref, gt = out["refine"], item["gt"][None]
+            y_map = model.net_vq.quantize.nearest_indices(model.net_vq.encode(gt))
+            ys.append(y_map.flatten())
             v0.append(ref["codes_init"].flatten())
             vt.append(ref["codes"].flatten())
             m0.append(ref["mask_init"].flatten())
             ent.append(ref["entropy"].flatten())
+            psnr["nat"].append(db(out["output"], gt))
+            for name, codes in (
+                ("oracle_flow_codes", ref["codes_init"]),
+                ("oracle_gt_at_mask0", torch.where(ref["mask_init"], y_map, ref["codes_init"])),
+                ("oracle_all_gt", y_map),
+            ):
+                rgb = model.net_vq.decode_indices(codes)[0][..., : gt.shape[-2], : gt.shape[-1]]
+                psnr[name].append(db(rgb, gt))
+    for name, values in psnr.items():  # nat.md T8 oracle rows, each decoded independently here
+        assert stats[f"psnr_{name}"] == pytest.approx(sum(values) / len(values), abs=1e-4), name
+    assert stats["psnr_oracle_flow_codes"] != stats["psnr_oracle_all_gt"]
     v0, vt, y, m0, ent = (torch.cat(t) for t in (v0, vt, ys, m0, ent))
     assert stats["n_masked"] == int(m0.sum()) > 0
     assert stats["acc_flow_masked"] == pytest.approx(float((v0 == y)[m0].float().mean()))
@@ -523,7 +570,10 @@ def test_bench_nat_tiny_smoke(tmp_path, capsys):
         r = paths[name]
         assert r["peak_bytes"] > paths[r["base"]]["weight_bytes"] and math.isfinite(r["latency_overhead"])
         assert r["weight_bytes"] > paths[r["base"]]["weight_bytes"]  # the NAT weights are counted
-    assert "memory +" in capsys.readouterr().out
+        assert r["macs"] > paths[r["base"]]["macs"] > 0 and r["mac_overhead"] > 0  # the NAT's work is counted
+    assert paths["NAT-II only"]["macs"] > 0
+    printed = capsys.readouterr().out
+    assert "memory +" in printed and "MACs +" in printed
 
 
 def test_nat3_only_uses_the_flow_entropy_and_leaves_the_latent_alone():
