@@ -238,6 +238,27 @@ def test_glare_part_keeps_official_names_and_nats_live_under_their_prefixes():
     assert {k.split(".")[0] for k in keys - plain} == {"nat2", "nat3"}
 
 
+def test_every_implemented_ablation_trains_through_the_stock_step(tmp_path, ckpts):
+    """adaLN conditioning, U-ViT skips, PEG-only positions, margin uncertainty and codebook-lift tokens together:
+    finite masked CE, and the zero-initialised modulation and the skip projections receive updates."""
+    opt = set_nat(make_opt("tiny_stage2_nat.yml", tmp_path, stage2_paths(ckpts)), dist_temp=0.01, tau=0.3)
+    model_opt = opt["network_g"]["nat2"].setdefault("model", {})
+    model_opt.update(cond_mode="adaln", uvit_skips=True, pos="peg", tok_init="codebook_lift", depth=2)
+    opt["network_g"]["nat2"].setdefault("uncertainty", {})["source"] = "margin"
+    torch.manual_seed(0)
+    model = build_model(opt)
+    nat = model.get_bare_model(model.net_g).nat2
+    ada0 = nat.body.blocks[0].ada[1].weight.detach().clone()
+    skip0 = nat.body.skip_proj[0].weight.detach().clone()
+    assert ada0.abs().max() == 0
+    for it in (1, 2):
+        model.feed_data(batch(it))
+        model.optimize_parameters(it)
+        assert math.isfinite(float(model.log_dict["l_ce"]))
+    assert nat.body.blocks[0].ada[1].weight.abs().max() > 0
+    assert not torch.equal(nat.body.skip_proj[0].weight, skip0)
+
+
 def test_codebook_lift_initialises_only_a_fresh_nat2(tmp_path, ckpts):
     """``tok_init: codebook_lift`` rewrites the code rows of a fresh NAT-II from the frozen codebook (also in the EMA
     copy); NAT-II weights loaded from a file are kept."""
