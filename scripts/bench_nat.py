@@ -192,24 +192,35 @@ def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, a
 
     Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; one more, untimed call counts the
     multiply-accumulates (:func:`glare_nat_models.perf.mac_counter`: noise-free, what CPU time follows) and, on the
-    CPU, the peak of live tensor storages (:class:`LiveTensorBytes`).
+    CPU, the peak of live tensor storages (:class:`LiveTensorBytes`). ``runs = 0``: that call only (no latency keys;
+    on CUDA its own peak).
     """
     dev = x.device
+    cuda = dev.type == "cuda"
     with autocast(dev, amp):
-        m = perf_measure(lambda: fn(x), dev, warmup=warmup, repeats=runs)
-        with LiveTensorBytes() if dev.type != "cuda" else contextlib.nullcontext() as probe, mac_counter() as macs:
+        m = perf_measure(lambda: fn(x), dev, warmup=warmup, repeats=runs) if runs > 0 else None
+        if cuda and m is None:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        with LiveTensorBytes() if not cuda else contextlib.nullcontext() as probe, mac_counter() as macs:
             fn(x)
-        act = m.peak_bytes - m.base_bytes if dev.type == "cuda" else probe.peak
+        if not cuda:
+            act = probe.peak
+        else:
+            act = m.peak_bytes - m.base_bytes if m is not None else torch.cuda.max_memory_allocated(dev) - base
+    out = {"act_bytes": act, "macs": macs.get_total_flops() // 2}
+    if m is None:
+        return out
     del m.output
     ms = [t * 1e3 for t in m.times]
-    return {
-        "ms": statistics.fmean(ms),
-        "ms_sd": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-        "ms_median": statistics.median(ms),
-        "cpu_ms_median": m.cpu_median * 1e3,
-        "act_bytes": act,
-        "macs": macs.get_total_flops() // 2,
-    }
+    out.update(
+        ms=statistics.fmean(ms),
+        ms_sd=statistics.stdev(ms) if len(ms) > 1 else 0.0,
+        ms_median=statistics.median(ms),
+        cpu_ms_median=m.cpu_median * 1e3,
+    )
+    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -232,7 +243,12 @@ def header_lines(results: dict) -> list[str]:
         f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, NAT defaults (nat.md §6.1)"
         + (f" with nat2 overrides {json.dumps(results['nat2_overrides'])}" if results.get("nat2_overrides") else "")
         + ", random weights",
-        f"warmup {results['warmup']}, runs {results['runs']}; memory = weights + peak of the forward's tensors "
+        (
+            f"warmup {results['warmup']}, runs {results['runs']}"
+            if results["runs"]
+            else "MACs and memory only (not timed)"
+        )
+        + "; memory = weights + peak of the forward's tensors "
         f"({'live CPU tensor storages' if cpu else 'max_memory_allocated'})",
         f"targets: latency overhead <= {TARGETS['latency']:.0%}, memory overhead <= {TARGETS['memory']:.0%} "
         "(overhead = path with NAT / same path without NAT - 1"
@@ -257,12 +273,15 @@ def path_line(name: str, r: dict, cpu: bool) -> str:
     over = ""
     if r["base"] is not None:
         for key, target in TARGETS.items():
-            value = r[f"{key}_overhead"]
-            cell = f"{value:+.1%} {'ok' if value <= target else 'OVER'}"
+            value = r.get(f"{key}_overhead")
+            cell = "n/a" if value is None else f"{value:+.1%} {'ok' if value <= target else 'OVER'}"
             over += f"{cell:>14}"
-    lat = f"{r['ms']:.2f} ± {r['ms_sd']:.2f}"
-    if cpu:
+    if "ms" not in r:
+        lat = "not timed"
+    elif cpu:
         lat = f"{r['ms_median']:.0f} ({r['cpu_ms_median']:.0f} cpu)"
+    else:
+        lat = f"{r['ms']:.2f} ± {r['ms_sd']:.2f}"
     if r["base"] is not None:
         over += f"{r['mac_overhead']:>+9.1%}"
     return (
@@ -301,7 +320,8 @@ def bench_size(vq, net, flow, size, args, device, emit: Callable[[str], None]) -
         if base is not None:
             b = info["paths"][base]
             key = "ms" if device.type == "cuda" else "cpu_ms_median"  # CPU: process time, robust to other load
-            res["latency_overhead"] = res[key] / b[key] - 1.0
+            if key in res:
+                res["latency_overhead"] = res[key] / b[key] - 1.0
             res["memory_overhead"] = res["peak_bytes"] / b["peak_bytes"] - 1.0
             res["mac_overhead"] = res["macs"] / b["macs"] - 1.0
         info["paths"][name] = res
@@ -328,6 +348,11 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["fp16", "bf16", "none"],
         default=None,
         help="autocast dtype (default fp16 on CUDA as the official test, none on CPU)",
+    )
+    p.add_argument(
+        "--macs-only",
+        action="store_true",
+        help="no timing: one call per path for MACs and memory (exact; minutes instead of tens of minutes on a CPU)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -360,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.amp = ("fp16" if cuda else None) if args.amp is None else (None if args.amp == "none" else args.amp)
     args.warmup = (20 if cuda else 1) if args.warmup is None else args.warmup
     args.runs = (100 if cuda else 3) if args.runs is None else args.runs
-    if args.runs < 1 or args.warmup < 0:
+    if args.macs_only:
+        args.warmup = args.runs = 0
+    elif args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.sizes is None:
         args.sizes = [(64, 48)] if args.tiny else ([(600, 400), (1920, 1080)] if cuda else [(600, 400)])

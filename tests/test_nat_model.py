@@ -595,6 +595,11 @@ def test_bench_nat_tiny_smoke(tmp_path, capsys):
     assert paths["NAT-II only"]["macs"] > 0
     printed = capsys.readouterr().out
     assert "memory +" in printed and "MACs +" in printed
+    untimed = bench.main(["--tiny", "--device", "cpu", "--macs-only"])["sizes"][0]["paths"]
+    for name, r in untimed.items():  # one call per path: the same exact MACs and live-tensor peak, no timings
+        assert "ms" not in r and "latency_overhead" not in r
+        assert r["macs"] == paths[name]["macs"] and r["act_bytes"] == paths[name]["act_bytes"], name
+    assert "not timed" in capsys.readouterr().out
 
 
 def test_nat3_only_uses_the_flow_entropy_and_leaves_the_latent_alone():
