@@ -429,8 +429,11 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
         has_stage2 = self._load_part("stage2", STAGE2_PREFIXES)
         has_nat2 = self._load_part("nat2", ("nat2.",), default_key="params_ema")
         if self.is_train and not has_nat2 and self.opt["path"].get("pretrain_network_g") is None:
-            # fresh NAT-II weights (a resume or pretrained file sets pretrain_network_g and keeps its own)
-            if bare.nat2.init_token_embedding(vqgan_codebook(self.net_vq)):
+            # fresh NAT-II weights (a resume or pretrained file sets pretrain_network_g and keeps its own); one
+            # generator seeded alike on every rank (BasicSR seeds the global RNG with seed + rank, and DDP has
+            # already broadcast the initial weights), so all ranks start from the same embedding
+            gen = torch.Generator().manual_seed(int(self.opt.get("manual_seed") or 0))
+            if bare.nat2.init_token_embedding(vqgan_codebook(self.net_vq), gen):
                 get_root_logger().info("NAT-II token embedding initialised from the codebook (tok_init: codebook_lift)")
         if self.is_train and not has_stage2 and self.opt["path"].get("pretrain_network_g") is None:
             raise KeyError(

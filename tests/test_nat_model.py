@@ -274,6 +274,8 @@ def test_codebook_lift_initialises_only_a_fresh_nat2(tmp_path, ckpts):
     k = model.net_g.nat2.codebook_size
     assert not torch.allclose(lifted[:k], plain[:k]) and torch.equal(lifted[k], plain[k])
     assert torch.equal(model.net_g_ema.nat2.tok_emb.weight, lifted)
+    torch.manual_seed(1)  # another rank's global seed (BasicSR: seed + rank): the same code rows
+    assert torch.equal(build_model(deepcopy(opt)).net_g.nat2.tok_emb.weight[:k], lifted[:k])
     loaded_opt = deepcopy(opt)
     loaded_opt["path"]["pretrain_network_nat2"] = ckpts["nat2"]
     loaded = build_model(loaded_opt).net_g.nat2.tok_emb.weight
