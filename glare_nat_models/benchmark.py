@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -181,7 +182,9 @@ class FidScorer:
         old = inception.LOCAL_FID_WEIGHTS
         inception.LOCAL_FID_WEIGHTS = str(path)
         try:
-            self.net = load_patched_inception_v3(device=device, resize_input=True, normalize_input=True)
+            with warnings.catch_warnings():  # BasicSR's Inception still passes torchvision's deprecated pretrained=
+                warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+                self.net = load_patched_inception_v3(device=device, resize_input=True, normalize_input=True)
         finally:
             inception.LOCAL_FID_WEIGHTS = old
         self.device = device
