@@ -240,7 +240,7 @@ class LatentNAT(nn.Module):
         """``tok_init='codebook_lift'``: code rows ``E_tok[k] = W_lift e_k + R_k`` (nat.md §3.4), with the codes
         standardised per channel, ``W_lift`` (``dim x code_dim``) and ``R`` ~ N(0, 0.02^2); the ``[MASK]`` row
         keeps its value. A no-op returning False for ``tok_init='random'``. Call once, on fresh weights, before
-        training (the NAT training model does when it calibrates).
+        training (``GLARENATModel`` does when it builds a NAT-II that no checkpoint fills).
 
         Args:
             codebook: ``K x code_dim`` (the frozen VQGAN's codes).
@@ -280,7 +280,6 @@ class LatentNAT(nn.Module):
         """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, the merged grid ``(h', w')`` and,
         for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None)."""
         self._check_inputs(tokens, x_hat, color_map, cond, entropy)
-        h, w = tokens.shape[-2:]
         ent = entropy[:, None].to(x_hat.dtype)
         if self.mask_hides_latent:
             visible = (tokens != self.mask_token_id)[:, None].to(x_hat.dtype)
