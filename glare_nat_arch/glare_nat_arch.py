@@ -118,7 +118,7 @@ SUPPORTED_VALUES: dict[str, dict[str, tuple]] = {
         "model.cond_mode": ("additive", "adaln"),
         "model.tok_init": ("random", "codebook_lift"),
         "uncertainty.source": ("entropy", "margin"),
-        "decode.remask_rule": ("schedule",),
+        "decode.remask_rule": ("schedule", "threshold"),
         "feedback.mode": ("hard", "soft"),
         "feedback.mf_input": ("refined", "flow"),
     },

@@ -129,7 +129,10 @@ class LatentNAT(nn.Module):
         sample_temp: 0 = argmax, else sample ``softmax(logits / sample_temp)``.
         choice_temp: Gumbel temperature ``tau_c`` on the confidence, annealed ``tau_c (1 - t/T)``.
         remask_scope: ``new_only`` (committed tokens are final) | ``all`` (any token may be re-masked).
-        remask_rule: only ``schedule`` is implemented.
+        remask_rule: ``schedule`` (keep the ``N0 gamma(t/T)`` least confident masked) | ``threshold`` (the slides'
+            literal rule, nat.md §3.6: a masked position stays masked while the normalised entropy of its NAT
+            distribution exceeds ``tau_t = tau``, constant hence non-decreasing; ``M_T`` is empty; ``remask_scope``
+            ``new_only`` only).
         early_stop: run rounds ``t <= early_stop`` only, committing every still-masked token at the last.
         knn: nearest codes kept for the flow distribution; dist_temp: ``T_d`` (None until calibrated).
         uncertainty_source: the per-position uncertainty that masks and conditions: ``entropy`` (normalised
@@ -202,7 +205,9 @@ class LatentNAT(nn.Module):
         self.sample_temp = float(sample_temp)
         self.choice_temp = float(choice_temp)
         self.remask_scope = _choice("remask_scope", remask_scope, ("new_only", "all"))
-        self.remask_rule = _choice("remask_rule", remask_rule, ("schedule",))
+        self.remask_rule = _choice("remask_rule", remask_rule, ("schedule", "threshold"))
+        if self.remask_rule == "threshold" and self.remask_scope != "new_only":
+            raise ValueError("LatentNAT: remask_rule='threshold' keeps M_t inside M_(t-1): use remask_scope='new_only'")
         self.early_stop = early_stop
         self.knn = knn
         self.uncertainty_source = _choice("uncertainty_source", uncertainty_source, UNCERTAINTY_SOURCES)
@@ -545,18 +550,30 @@ class LatentNAT(nn.Module):
             query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
             rounds += 1
             hidden = self.query_features(v.reshape(b, h, w), x_hat, color_map, cond, ent, query.reshape(b, h, w))
+            by_threshold = self.remask_rule == "threshold"
             pred, conf, soft_q, ent_q = self._decode_rows(
-                hidden, v[query], mask[query], codebook, generator, want_soft=want_soft, want_entropy=stats
+                hidden,
+                v[query],
+                mask[query],
+                codebook,
+                generator,
+                want_soft=want_soft,
+                want_entropy=stats or by_threshold,
             )
             if self.choice_temp > 0:
                 conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(
                     conf.shape, conf.device, generator
                 )
 
-            n_t = still_masked_counts(n0, mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
-            scores = torch.full((b, n), float("inf"), device=conf.device)
-            scores[query] = conf
-            new_mask = topk_mask(scores, n_t, largest=False)
+            if by_threshold:  # M_t = {i in M_(t-1): H_NAT(i) > tau}, M_T empty (query = mask here)
+                new_mask = torch.zeros_like(mask)
+                if t < t_exec:
+                    new_mask[query] = ent_q > self._calibrated("tau")
+            else:
+                n_t = still_masked_counts(n0, mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
+                scores = torch.full((b, n), float("inf"), device=conf.device)
+                scores[query] = conf
+                new_mask = topk_mask(scores, n_t, largest=False)
 
             pred_full = v.clone()
             pred_full[query] = pred

@@ -23,6 +23,7 @@ from glare_nat_arch.nat_uncertainty import (
     initial_mask,
     knn_codes,
     mask_schedule,
+    normalized_entropy,
     sample_train_mask,
     still_masked_counts,
 )
@@ -681,3 +682,26 @@ def test_adaln_conditions_through_the_modulation_only_and_starts_as_identity_blo
         out["codes"][~out["mask_init"]], out["codes_init"][~out["mask_init"]]
     )
     assert tiny_latent_nat().cond_merge is None and tiny_latent_nat().body.blocks[0].ada is None
+
+
+def test_threshold_remask_rule_keeps_masked_while_the_nat_is_uncertain():
+    """``remask_rule: threshold``: after round t < T exactly the masked positions whose NAT distribution has
+    normalised entropy > tau stay masked (a subset of the previous mask); the last round commits everything."""
+    x_hat, codebook, color_map, cond = inputs()
+    nat = tiny_latent_nat(remask_rule="threshold", iters=3, tau=0.6, dist_temp=1.0)
+    with torch.no_grad():
+        nat.head.norm.weight.mul_(20.0)  # sharper logits: NAT entropies on both sides of tau
+        out = nat.refine(x_hat, codebook, color_map, cond)
+        m0 = out["mask_init"]
+        v0 = torch.where(m0, K, out["codes_init"])
+        logits = nat.logits(v0, x_hat, color_map, cond, out["score"], m0)
+    ent1 = normalized_entropy(torch.softmax(logits, -1))
+    expect = torch.zeros_like(m0)
+    expect[m0] = ent1 > 0.6
+    assert torch.equal(out["masks"][0], expect) and 0 < int(expect.sum()) < int(m0.sum())
+    for prev, cur in zip([m0] + out["masks"][:-1], out["masks"]):
+        assert not (cur & ~prev).any()
+    assert not out["masks"][-1].any() and out["rounds"] == len(out["masks"]) <= 3
+    assert torch.equal(out["codes"][~m0], out["codes_init"][~m0])
+    with pytest.raises(ValueError, match="new_only"):
+        tiny_latent_nat(remask_rule="threshold", remask_scope="all")

@@ -191,10 +191,12 @@ def test_omitted_knobs_take_the_spec_defaults_and_bad_knobs_are_named():
         resolve_nat_config({"model": {"cond_mode": "xattn"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
     ablations = {"model": {"uvit_skips": True, "pos": "peg", "tok_init": "codebook_lift", "cond_mode": "adaln"}}
     ablations["uncertainty"] = {"source": "margin"}
+    ablations["decode"] = {"remask_rule": "threshold"}
     cfg = resolve_nat_config(ablations, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
     nat = build_latent_nat(cfg, codebook_size=16, code_dim=3, cond_channels=4)
     assert nat.body.skip_proj is not None and nat.body.peg is not None and nat.pos == "peg"
     assert nat.tok_init == "codebook_lift" and nat.uncertainty_source == "margin" and nat.cond_merge is not None
+    assert nat.remask_rule == "threshold"
     with pytest.raises(ValueError, match=r"train\.nat2\.r_maxx"):
         resolve_nat_config({"r_maxx": 1}, nat_model.NAT2_TRAIN_DEFAULTS, "train.nat2")
 
