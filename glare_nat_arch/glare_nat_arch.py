@@ -37,7 +37,13 @@ from torch import Tensor, nn
 
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, pad_to_multiple
 from glare_nat_arch.nat_arch import POS_ENCODINGS, DecoderNAT, LatentNAT
-from glare_nat_arch.nat_uncertainty import sample_train_mask
+from glare_nat_arch.nat_uncertainty import (
+    FLOW_MC_HEAT,
+    FLOW_MC_SAMPLES,
+    histogram_entropy,
+    nearest_codes,
+    sample_train_mask,
+)
 
 __all__ = [
     "GLARE_PREFIXES",
@@ -117,7 +123,7 @@ SUPPORTED_VALUES: dict[str, dict[str, tuple]] = {
         "model.pos": POS_ENCODINGS,
         "model.cond_mode": ("additive", "adaln"),
         "model.tok_init": ("random", "codebook_lift"),
-        "uncertainty.source": ("entropy", "margin"),
+        "uncertainty.source": ("entropy", "margin", "flow_mc"),
         "decode.remask_rule": ("schedule", "threshold"),
         "feedback.mode": ("hard", "soft"),
         "feedback.mf_input": ("refined", "flow"),
@@ -278,6 +284,26 @@ class _LatentNATMixin:
         """``refined`` or ``flow`` (nat.md §3.7)."""
         return self.nat2_cfg["feedback"]["mf_input"] if self.nat2_cfg else "flow"
 
+    @torch.no_grad()
+    def nat2_score(self, rev: Mapping[str, Any], codebook: Tensor) -> Tensor | None:
+        """The ``flow_mc`` uncertainty (nat.md §3.10) of a reverse-flow result, or None for the other sources.
+
+        ``FLOW_MC_SAMPLES`` latents ``f^-1(color_map + FLOW_MC_HEAT * eps; cond)`` (``eps`` from a generator seeded
+        0, so inference stays deterministic), their nearest codes, and the normalised entropy of each position's
+        code histogram (:func:`~glare_nat_arch.nat_uncertainty.histogram_entropy`): ``B x h x w`` in [0, 1].
+        Costs ``FLOW_MC_SAMPLES`` more flow passes (the flow is the small part of GLARE).
+        """
+        if self.nat2 is None or self.nat2.uncertainty_source != "flow_mc":
+            return None
+        color_map, cond = rev["color_map"], rev["cond"]
+        gen = torch.Generator().manual_seed(0)
+        codes = []
+        for _ in range(FLOW_MC_SAMPLES):
+            eps = torch.randn(color_map.shape, generator=gen).to(device=color_map.device, dtype=color_map.dtype)
+            z, _ = self.flowUpsamplerNet(color_map + FLOW_MC_HEAT * eps, cond, reverse=True)
+            codes.append(nearest_codes(z, codebook, self.nat2.chunk))
+        return histogram_entropy(torch.stack(codes)).to(rev["z_hat"].device)
+
     def refine_latent(self, rev: Mapping[str, Any], codebook: Tensor) -> dict[str, Any]:
         """Apply NAT-II to a reverse-flow result (``rev`` of :meth:`GLAREFlowNet.reverse`).
 
@@ -291,10 +317,11 @@ class _LatentNATMixin:
         if self.nat2 is None:
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": None, "refine": None}
         if not self.nat2_enabled:  # kept only for NAT-III's uncertainty map (NAT-III only)
-            unc = self.nat2.uncertainty(z_hat, codebook).score
+            unc = self.nat2.uncertainty(z_hat, codebook, self.nat2_score(rev, codebook)).score
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": unc, "refine": None}
         need_u = getattr(self, "nat3", None) is not None
-        ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u)
+        score = self.nat2_score(rev, codebook)
+        ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u, score=score)
         if ref["z_out"] is z_hat:  # nothing masked: GLARE's own latent for both decoders
             z_nl, quant_nl = z_hat, None
         else:

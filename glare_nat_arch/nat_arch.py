@@ -10,6 +10,7 @@ Both are ordinary BasicSR archs: tensors in, tensors out; the codebook is passed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -136,7 +137,9 @@ class LatentNAT(nn.Module):
         early_stop: run rounds ``t <= early_stop`` only, committing every still-masked token at the last.
         knn: nearest codes kept for the flow distribution; dist_temp: ``T_d`` (None until calibrated).
         uncertainty_source: the per-position uncertainty that masks and conditions: ``entropy`` (normalised
-            entropy of the flow distribution) | ``margin`` (``exp(-(d_(2) - d_(1)) / T_d)``, nat.md §3.10).
+            entropy of the flow distribution) | ``margin`` (``exp(-(d_(2) - d_(1)) / T_d)``, nat.md §3.10) |
+            ``flow_mc`` (code histogram entropy of flow samples: the flow lives outside this module, so callers pass
+            it as ``score``; :meth:`GLARENATFlowNet.nat2_score` computes it).
         tau: threshold of the initial mask on that uncertainty (None = 'auto', set by :meth:`calibrate`).
         rho_max: cap on the initially masked fraction.
         feedback: ``hard`` (``C[v^T]``) | ``soft`` (expected code under the committing distribution).
@@ -210,7 +213,7 @@ class LatentNAT(nn.Module):
             raise ValueError("LatentNAT: remask_rule='threshold' keeps M_t inside M_(t-1): use remask_scope='new_only'")
         self.early_stop = early_stop
         self.knn = knn
-        self.uncertainty_source = _choice("uncertainty_source", uncertainty_source, UNCERTAINTY_SOURCES)
+        self.uncertainty_source = _choice("uncertainty_source", uncertainty_source, (*UNCERTAINTY_SOURCES, "flow_mc"))
         self.rho_max = float(rho_max)
         self.feedback = _choice("feedback", feedback, ("hard", "soft"))
         self.chunk = chunk
@@ -382,12 +385,32 @@ class LatentNAT(nn.Module):
             )
         return value
 
-    def uncertainty(self, x_hat: Tensor, codebook: Tensor) -> CodeUncertainty:
+    def uncertainty(self, x_hat: Tensor, codebook: Tensor, score: Tensor | None = None) -> CodeUncertainty:
         """Flow-output code distribution (nat.md §3.2): ``codes`` v0, ``entropy``, ``margin`` and ``score`` (the
-        uncertainty of ``uncertainty_source`` that masks and conditions), each ``B x h x w``."""
+        uncertainty of ``uncertainty_source`` that masks and conditions), each ``B x h x w``.
+
+        ``score``: the ``flow_mc`` map (``B x h x w``), required for that source and refused for the others."""
         self._check_codebook(codebook)
         t_d = self._calibrated("dist_temp")
-        return code_uncertainty(x_hat, codebook, t_d, self.knn, self.chunk, self.uncertainty_source)
+        flow_mc = self.uncertainty_source == "flow_mc"
+        unc = code_uncertainty(
+            x_hat, codebook, t_d, self.knn, self.chunk, "entropy" if flow_mc else self.uncertainty_source
+        )
+        if not flow_mc:
+            if score is not None:
+                raise ValueError(
+                    "LatentNAT: a score map is only taken for uncertainty_source='flow_mc', not "
+                    f"{self.uncertainty_source!r}"
+                )
+            return unc
+        if score is None:
+            raise ValueError(
+                "LatentNAT: uncertainty_source='flow_mc' needs the flow samples' code-histogram entropy as score=; "
+                "run NAT-II through GLARENATFlowNet / GLARENATNet, which compute it (nat2_score)"
+            )
+        if tuple(score.shape) != tuple(unc.entropy.shape):
+            raise ValueError(f"LatentNAT: score must be {tuple(unc.entropy.shape)}, got {tuple(score.shape)}")
+        return dataclasses.replace(unc, score=score.to(unc.entropy.dtype))
 
     def _check_codebook(self, codebook: Tensor) -> None:
         if tuple(codebook.shape) != (self.codebook_size, self.code_dim):
@@ -403,17 +426,23 @@ class LatentNAT(nn.Module):
         rho_target: float = 0.25,
         set_dist_temp: bool = True,
         set_tau: bool = True,
+        scores: Iterable[Tensor] | None = None,
     ) -> dict[str, float]:
         """Set ``dist_temp`` (median 2nd-1st code gap) and ``tau`` (``1 - rho_target`` quantile of the uncertainty).
 
         Args:
             flow_outputs: ``B x code_dim x h x w`` flow outputs on training images (a tensor or an iterable).
+            scores: ``flow_mc`` only: the score maps of the same images (``tau`` is their quantile).
         """
         self._check_codebook(codebook)
         batches = [flow_outputs] if isinstance(flow_outputs, Tensor) else list(flow_outputs)
         if set_dist_temp:
             self.dist_temp.fill_(calibrate_dist_temp(batches, codebook, self.chunk))
-        if set_tau:
+        if set_tau and self.uncertainty_source == "flow_mc":
+            if scores is None:
+                raise ValueError("LatentNAT.calibrate: uncertainty_source='flow_mc' needs scores= (nat2_score maps)")
+            self.tau.fill_(quantile(torch.cat([t.reshape(-1).float().cpu() for t in scores]), 1.0 - rho_target))
+        elif set_tau:
             self.tau.fill_(
                 calibrate_tau(
                     batches,
@@ -499,6 +528,7 @@ class LatentNAT(nn.Module):
         cond: Tensor,
         generator: torch.Generator | None = None,
         stats: bool = True,
+        score: Tensor | None = None,
     ) -> dict[str, Any]:
         """Entropy-masked iterative refinement (Algorithm B, nat.md §3.6) and feedback (§3.7).
 
@@ -509,7 +539,8 @@ class LatentNAT(nn.Module):
 
         Args:
             x_hat: ``B x code_dim x h x w`` flow output; codebook: ``K x code_dim``;
-            color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``.
+            color_map: ``B x code_dim x h x w``; cond: ``B x cond_channels x h x w``;
+            score: the ``flow_mc`` uncertainty map ``B x h x w`` (that source only, see :meth:`uncertainty`).
 
         Returns:
             dict with ``z_out`` (``B x code_dim x h x w``, MF-decoder input; ``x_hat`` itself when nothing is
@@ -523,7 +554,7 @@ class LatentNAT(nn.Module):
             ``n0`` (``B``), ``rounds`` (forward passes run).
         """
         self._check_codebook(codebook)
-        unc = self.uncertainty(x_hat, codebook)
+        unc = self.uncertainty(x_hat, codebook, score)
         v0, ent = unc.codes, unc.score  # the uncertainty that masks and conditions (the entropy by default)
         m0 = initial_mask(ent, self._calibrated("tau"), self.rho_max)
         b, h, w = v0.shape

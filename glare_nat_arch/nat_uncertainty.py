@@ -29,6 +29,9 @@ from glare_nat_arch.quantize import autocast_off, squared_code_distances
 __all__ = [
     "SCHEDULES",
     "UNCERTAINTY_SOURCES",
+    "FLOW_MC_SAMPLES",
+    "FLOW_MC_HEAT",
+    "histogram_entropy",
     "CodeUncertainty",
     "knn_codes",
     "nearest_codes",
@@ -47,8 +50,11 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "square", "cubic", "arccos", "root")
-#: Per-position uncertainty scores (nat.md §3.10; ``flow_mc`` and ``critic`` are not implemented).
+#: Per-position uncertainty scores :func:`code_uncertainty` computes from the flow output alone (nat.md §3.10).
 UNCERTAINTY_SOURCES = ("entropy", "margin")
+#: ``flow_mc`` (nat.md §3.10): codes of ``FLOW_MC_SAMPLES`` flow samples at heat ``FLOW_MC_HEAT``.
+FLOW_MC_SAMPLES = 8
+FLOW_MC_HEAT = 0.8
 
 
 def _check_latent(z: Tensor, codebook: Tensor, name: str = "latent") -> None:
@@ -116,6 +122,25 @@ def normalized_entropy(probs: Tensor) -> Tensor:
         raise ValueError(f"normalized_entropy needs at least 2 outcomes, got {n}")
     ent = -torch.special.xlogy(probs, probs).sum(-1)
     return (ent / math.log(n)).clamp(0.0, 1.0)
+
+
+def histogram_entropy(codes: Tensor) -> Tensor:
+    """Normalised entropy of the empirical code histogram over ``S`` samples (nat.md §3.10 ``flow_mc``).
+
+    Args:
+        codes: ``S x B x h x w`` integer codes (``S >= 2``).
+
+    Returns:
+        ``B x h x w`` in ``[0, 1]``: ``-sum_k p_k log p_k / log S`` with ``p_k`` the share of samples on code ``k``
+        (0 when all samples agree, 1 when all differ). Computed as ``-mean_s log(n_s / S)``, ``n_s`` the samples that
+        share sample ``s``'s code (an ``S x S`` comparison, no histogram over ``K``).
+    """
+    s = codes.shape[0]
+    if s < 2:
+        raise ValueError(f"histogram_entropy needs at least 2 samples, got {s}")
+    same = (codes[:, None] == codes[None]).sum(1).to(torch.float64)  # S x B x h x w: n_s
+    ent = -(torch.log(same / s)).mean(0) / math.log(s)
+    return ent.clamp(0.0, 1.0).to(torch.float32)
 
 
 @dataclass

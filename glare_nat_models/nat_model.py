@@ -361,7 +361,16 @@ class _NATModelMixin:
         values: dict[str, float] = {}
         if need_dt or need_tau:
             values.update(
-                nat2.calibrate([r["z_hat"] for r in latents], codebook, rho, set_dist_temp=need_dt, set_tau=need_tau)
+                nat2.calibrate(
+                    [r["z_hat"] for r in latents],
+                    codebook,
+                    rho,
+                    set_dist_temp=need_dt,
+                    set_tau=need_tau,
+                    scores=None
+                    if nat2.uncertainty_source != "flow_mc"
+                    else [bare.nat2_score(r, codebook) for r in latents],
+                )
             )
         if need_t3:
             values["tau3"] = nat3.calibrate([bare.refine_latent(r, codebook)["uncertainty"] for r in latents], rho)
@@ -465,7 +474,8 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
         score with ``uncertainty.source: margin``; all ``B x h x w``) of one batch (nat.md §3.8)."""
         cfg, nat2 = self.nat_train, self.bare_net().nat2
         codebook = vqgan_codebook(self.net_vq)
-        unc = nat2.uncertainty(rev["z_hat"], codebook)
+        score = self.bare_net().nat2_score(rev, codebook)  # flow_mc only, else None
+        unc = nat2.uncertainty(rev["z_hat"], codebook, score)
         visible = unc.codes
         if float(cfg["p_gt_visible"]) > 0:
             pick = torch.rand(y.shape[0], device=y.device) < float(cfg["p_gt_visible"])
@@ -478,7 +488,7 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
             t_star = random.randint(1, nat2.iters - 1)
             was_training = nat2.training
             nat2.eval()
-            ref = nat2.refine(rev["z_hat"], codebook, rev["color_map"], rev["cond"])
+            ref = nat2.refine(rev["z_hat"], codebook, rev["color_map"], rev["cond"], score=score)
             nat2.train(was_training)
             if ref["rounds"] >= t_star and bool(ref["masks"][t_star - 1].any()):
                 tokens, mask = ref["tokens"][t_star - 1], ref["masks"][t_star - 1]

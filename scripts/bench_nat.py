@@ -133,7 +133,8 @@ def calibrate(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor
     vq.quantize.embedding.weight.copy_(book.to(z.device))
     cb = vqgan_codebook(vq)
     rho = net.nat2_cfg["uncertainty"]["rho_target"]
-    values = net.nat2.calibrate(z, cb, rho)
+    score = net.nat2_score(rev, cb)  # flow_mc only
+    values = net.nat2.calibrate(z, cb, rho, scores=None if score is None else [score])
     values["tau3"] = net.nat3.calibrate(net.refine_latent(rev, cb)["uncertainty"], rho)
     flow.nat2.load_state_dict(net.nat2.state_dict())
     return values

@@ -20,6 +20,7 @@ from glare_nat_arch.nat_uncertainty import (
     calibrate_dist_temp,
     calibrate_tau,
     code_uncertainty,
+    histogram_entropy,
     initial_mask,
     knn_codes,
     mask_schedule,
@@ -705,3 +706,32 @@ def test_threshold_remask_rule_keeps_masked_while_the_nat_is_uncertain():
     assert torch.equal(out["codes"][~m0], out["codes_init"][~m0])
     with pytest.raises(ValueError, match="new_only"):
         tiny_latent_nat(remask_rule="threshold", remask_scope="all")
+
+
+def test_histogram_entropy_of_flow_samples():
+    codes = torch.tensor([[3, 3, 3, 3], [1, 2, 3, 4], [5, 5, 6, 6], [7, 7, 7, 8]]).t().reshape(4, 1, 1, 4)  # S = 4
+    ent = histogram_entropy(codes)[0, 0]
+    p = torch.tensor([0.75, 0.25])
+    expected = [0.0, 1.0, 0.5, float(-(p * p.log()).sum() / math.log(4))]
+    assert torch.allclose(ent, torch.tensor(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="2 samples"):
+        histogram_entropy(codes[:1])
+
+
+def test_flow_mc_source_takes_its_score_from_the_caller():
+    x_hat, codebook, color_map, cond = inputs()
+    nat = tiny_latent_nat(uncertainty_source="flow_mc", tau=0.5)
+    with pytest.raises(ValueError, match="nat2_score"):
+        nat.refine(x_hat, codebook, color_map, cond)
+    with pytest.raises(ValueError, match="score must be"):
+        nat.uncertainty(x_hat, codebook, torch.rand(2, 7, 8))
+    score = torch.rand(2, 7, 9, generator=torch.Generator().manual_seed(3))
+    out = nat.refine(x_hat, codebook, color_map, cond, score=score)
+    assert torch.equal(out["score"], score) and torch.equal(out["mask_init"], initial_mask(score, 0.5, 0.5))
+    with pytest.raises(ValueError, match="flow_mc"):
+        tiny_latent_nat().uncertainty(x_hat, codebook, score)
+    fresh = tiny_latent_nat(uncertainty_source="flow_mc", dist_temp=None, tau=None)
+    with pytest.raises(ValueError, match="scores="):
+        fresh.calibrate(x_hat, codebook)
+    cal = fresh.calibrate(x_hat, codebook, rho_target=0.25, scores=[score[:1], score[1:]])
+    assert cal["tau"] == pytest.approx(float(np.quantile(score.numpy(), 0.75)), abs=1e-6)

@@ -30,7 +30,7 @@ from glare_nat_arch.glare_nat_arch import (
     build_latent_nat,
     resolve_nat_config,
 )
-from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau
+from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau, histogram_entropy
 from glare_nat_models import nat_model
 from glare_nat_models.nat_model import NAT_KNOB_LOCATIONS, binary_auroc, mfm_loss
 
@@ -532,6 +532,41 @@ def test_calibration_runs_on_the_validation_split_before_training(tmp_path, ckpt
     opt["datasets"]["train"]["gt_size"] = 16  # crops contradict full_frames: true
     with pytest.raises(ValueError, match="full_frames"):
         build_model(opt)
+
+
+def test_flow_mc_uncertainty_from_flow_samples_calibrates_masks_and_trains(tmp_path, ckpts):
+    """``uncertainty.source: flow_mc``: the code-histogram entropy of 8 flow samples at heat 0.8 (recomputed here
+    from the flow), deterministic; tau is its quantile on the calibration split; it masks at inference and trains."""
+    _write_lol(tmp_path / "lol")
+    opt = make_opt("tiny_stage2_nat.yml", tmp_path, stage2_paths(ckpts))
+    opt["network_g"]["nat2"].setdefault("uncertainty", {})["source"] = "flow_mc"
+    ds = {"type": "LOLPairedDataset", "dataroot": str(tmp_path / "lol"), "layout": "lolv1", "split": "train"}
+    opt["datasets"] = {"train": {**ds, "name": "t", "phase": "train", "gt_size": None}, "val": {**ds, "name": "v"}}
+    model = build_model(opt)
+    net = model.get_bare_model(model.net_g)
+    cb = model.net_vq.quantize.embedding.weight
+    lq = model.calibration_images(model.nat_train)
+    with torch.no_grad():
+        revs = [net.reverse(x) for x in lq]
+        scores = [net.nat2_score(r, cb) for r in revs]
+        gen = torch.Generator().manual_seed(0)
+        rev = revs[0]
+        codes = []
+        for _ in range(8):
+            eps = torch.randn(rev["color_map"].shape, generator=gen)
+            z, _ = net.flowUpsamplerNet(rev["color_map"] + 0.8 * eps, rev["cond"], reverse=True)
+            codes.append(model.net_vq.quantize.nearest_indices(z))
+    assert torch.equal(scores[0], histogram_entropy(torch.stack(codes)))
+    assert torch.equal(net.nat2_score(revs[0], cb), scores[0])  # deterministic
+    assert 0 < float(torch.cat([s.flatten() for s in scores]).std())  # samples disagree somewhere
+    flat = torch.cat([s.reshape(-1) for s in scores]).numpy()
+    assert float(net.nat2.tau) == pytest.approx(float(np.quantile(flat, 0.75)), abs=1e-6)
+    with torch.no_grad():
+        lat = net.refine_latent(revs[0], cb)
+    assert torch.equal(lat["refine"]["score"], scores[0])
+    model.feed_data(batch(1))
+    model.optimize_parameters(1)
+    assert math.isfinite(float(model.log_dict["l_ce"]))
 
 
 def test_explicit_option_values_win_over_checkpoint_buffers(tmp_path, ckpts):
