@@ -36,7 +36,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, pad_to_multiple
-from glare_nat_arch.nat_arch import POS_ENCODINGS, DecoderNAT, LatentNAT
+from glare_nat_arch.nat_arch import COND_MODES, POS_ENCODINGS, DecoderNAT, LatentNAT
 from glare_nat_arch.nat_uncertainty import (
     FLOW_MC_HEAT,
     FLOW_MC_SAMPLES,
@@ -121,7 +121,7 @@ SUPPORTED_VALUES: dict[str, dict[str, tuple]] = {
     "nat2": {
         "model.uvit_skips": (False, True),
         "model.pos": POS_ENCODINGS,
-        "model.cond_mode": ("additive", "adaln"),
+        "model.cond_mode": COND_MODES,
         "model.tok_init": ("random", "codebook_lift"),
         "uncertainty.source": ("entropy", "margin", "flow_mc"),
         "decode.remask_rule": ("schedule", "threshold"),

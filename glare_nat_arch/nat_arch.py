@@ -37,9 +37,12 @@ from glare_nat_arch.nat_uncertainty import (
 )
 from glare_nat_arch.transformer import TransformerStack, init_transformer_weights, sincos_pos_embed_2d
 
-__all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss", "POS_ENCODINGS"]
+__all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss", "POS_ENCODINGS", "COND_MODES"]
 
 _CONF_RULES = ("logp", "neg_entropy", "margin")
+#: ``cond_mode`` values of :class:`LatentNAT` (nat.md §3.4) and the context pooling of ``xattn`` (h/4 x w/4).
+COND_MODES = ("additive", "adaln", "xattn")
+XATTN_POOL = 4
 #: ``pos`` values of :class:`LatentNAT` (nat.md §6.1 ``model.pos``).
 POS_ENCODINGS = ("sincos2d+peg", "sincos2d", "peg")
 
@@ -121,7 +124,8 @@ class LatentNAT(nn.Module):
         uvit_skips: U-ViT long skips between mirrored blocks (:class:`TransformerStack` ``long_skips``).
         cond_mode: ``additive`` (``W_c [...]`` added to every token embedding, nat.md §3.4) | ``adaln`` (the same
             projection, merged like the tokens, drives a per-token adaLN-Zero in every block; +6 dim^2 per token
-            per block).
+            per block) | ``xattn`` (every block cross-attends to the projection average-pooled ``xattn_pool x
+            xattn_pool`` on the f=4 grid, with 2-D sin-cos positions; +N' M dim per block).
         tok_init: ``random`` (trunc-normal 0.02) | ``codebook_lift``: after :meth:`init_token_embedding`, code rows
             start as ``W_lift e_k + R_k`` (nat.md §3.4), so neighbouring codes start with similar embeddings.
         mask_hides_latent: zero the ``x_hat`` and ``H`` conditioning slots at ``[MASK]`` positions.
@@ -199,7 +203,7 @@ class LatentNAT(nn.Module):
         self.merge = merge
         self.pos = _choice("pos", pos, POS_ENCODINGS)
         self.tok_init = _choice("tok_init", tok_init, ("random", "codebook_lift"))
-        self.cond_mode = _choice("cond_mode", cond_mode, ("additive", "adaln"))
+        self.cond_mode = _choice("cond_mode", cond_mode, COND_MODES)
         self.mask_hides_latent = bool(mask_hides_latent)
         self.iters = iters
         self.schedule = list(schedule) if not isinstance(schedule, str) else schedule
@@ -231,7 +235,15 @@ class LatentNAT(nn.Module):
         adaln = self.cond_mode == "adaln"
         self.cond_merge = nn.Conv2d(dim, dim, merge, stride=merge) if adaln else None
         self.body = TransformerStack(
-            dim, depth, heads, mlp_ratio, dropout, peg_after, long_skips=bool(uvit_skips), adaln=adaln
+            dim,
+            depth,
+            heads,
+            mlp_ratio,
+            dropout,
+            peg_after,
+            long_skips=bool(uvit_skips),
+            adaln=adaln,
+            xattn=self.cond_mode == "xattn",
         )
         self.unmerge = nn.Sequential(nn.Conv2d(dim, dim * merge * merge, 1), nn.PixelShuffle(merge))
         self.head = MLMHead(dim, codebook_size)
@@ -294,7 +306,7 @@ class LatentNAT(nn.Module):
             x_hat, ent = x_hat * visible, ent * visible
         c = self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
         e = self.tok_emb(tokens.long())
-        if self.cond_merge is None:
+        if self.cond_mode == "additive":
             e = e + c.permute(0, 2, 3, 1)
         e = self.embed_drop(self.embed_norm(e)).permute(0, 3, 1, 2)  # B x d x h x w
         m = self.merge_conv(self._pad_to_merge(e))  # B x d x h' x w'
@@ -302,9 +314,14 @@ class LatentNAT(nn.Module):
         x = m.flatten(2).transpose(1, 2)
         if "sincos2d" in self.pos.split("+"):
             x = x + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
-        if self.cond_merge is None:
+        if self.cond_mode == "additive":
             return x, (hm, wm), None
-        return x, (hm, wm), self.cond_merge(self._pad_to_merge(c)).flatten(2).transpose(1, 2)
+        if self.cond_mode == "adaln":
+            return x, (hm, wm), self.cond_merge(self._pad_to_merge(c)).flatten(2).transpose(1, 2)
+        ctx = F.avg_pool2d(c, XATTN_POOL, ceil_mode=True)  # B x d x h/4 x w/4: the low-light context set
+        hc, wc = ctx.shape[-2:]
+        ctx = ctx.flatten(2).transpose(1, 2) + sincos_pos_embed_2d(hc, wc, ctx.shape[1], ctx.device, ctx.dtype)
+        return x, (hm, wm), ctx
 
     def _pad_to_merge(self, t: Tensor) -> Tensor:
         """Replicate-pad ``B x C x h x w`` at the bottom / right to multiples of ``merge``."""

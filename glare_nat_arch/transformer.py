@@ -108,15 +108,30 @@ class TransformerBlock(nn.Module):
     ``adaln``: per-token adaLN-Zero (DiT, applied token by token): ``(shift, scale, gate) x 2 = Linear(SiLU(c))``
     from a ``B x N x dim`` conditioning ``c``; ``x += gate1 * MHSA(LN(x) * (1 + scale1) + shift1)`` and likewise for
     the MLP. The modulation is zero-initialised, so the block starts as the identity.
+
+    ``xattn``: a cross-attention sub-layer between attention and MLP, ``x += XA(LN(x), c)`` with ``c`` a
+    ``B x M x dim`` context token set (the same attention module: queries from the tokens, keys / values from ``c``).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, adaln: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        adaln: bool = False,
+        xattn: bool = False,
+    ) -> None:
         super().__init__()
+        if adaln and xattn:
+            raise ValueError("TransformerBlock: adaln and xattn are alternatives")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MultiHeadSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln else None
+        self.norm_x = nn.LayerNorm(dim) if xattn else None
+        self.xattn = MultiHeadSelfAttention(dim, heads, dropout) if xattn else None
 
     def zero_modulation(self) -> None:
         """adaLN-Zero: the modulation outputs 0 (identity block) until trained."""
@@ -128,14 +143,16 @@ class TransformerBlock(nn.Module):
         """``B x N x dim`` -> ``B x N x dim``; with ``query_idx`` (``B x Q`` int64) only those tokens' outputs,
         ``B x Q x dim`` (equal to the full call's rows up to float rounding). ``cond`` (``B x N x dim``) is required
         by (and only used by) an ``adaln`` block."""
-        if (cond is None) != (self.ada is None):
-            raise ValueError("TransformerBlock: cond must be given exactly when the block is adaln")
+        if (cond is not None) != (self.ada is not None or self.xattn is not None):
+            raise ValueError("TransformerBlock: cond must be given exactly when the block is adaln or xattn")
         if self.ada is None:
             if query_idx is None:
                 x = x + self.attn(self.norm1(x))
             else:
                 normed = self.norm1(x)
                 x = gather_rows(x, query_idx) + self.attn(normed, gather_rows(normed, query_idx))
+            if self.xattn is not None:
+                x = x + self.xattn(cond, self.norm_x(x))  # queries: the (kept) tokens; keys / values: the context
             return x + self.mlp(self.norm2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
         normed = self.norm1(x) * (1 + scale1) + shift1
@@ -187,13 +204,16 @@ class TransformerStack(nn.Module):
         peg_after: int | None = 1,
         long_skips: bool = False,
         adaln: bool = False,
+        xattn: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"TransformerStack: depth must be >= 1, got {depth}")
         if peg_after is not None and not 1 <= peg_after <= depth:
             raise ValueError(f"TransformerStack: peg_after must be in [1, {depth}] or None, got {peg_after}")
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout, adaln) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, mlp_ratio, dropout, adaln, xattn) for _ in range(depth)
+        )
         self.peg_after = peg_after
         self.peg = PEG(dim) if peg_after is not None else None
         n_skips = depth // 2 if long_skips else 0
@@ -209,7 +229,7 @@ class TransformerStack(nn.Module):
         """``B x N x dim`` -> ``B x N x dim``, or ``B x Q x dim`` at ``query_idx`` (``B x Q`` int64): the last
         block then runs its queries and MLP on those tokens only (all tokens stay keys and values), exact up to
         float rounding because nothing after the last block mixes tokens (unless the PEG comes last).
-        ``cond``: ``B x N x dim`` per-token conditioning of ``adaln`` stacks."""
+        ``cond``: ``B x N x dim`` per-token conditioning of ``adaln`` stacks, ``B x M x dim`` context of ``xattn``."""
         depth = len(self.blocks)
         last = depth - 1
         restrict_last = query_idx is not None and not (self.peg is not None and self.peg_after == last + 1)

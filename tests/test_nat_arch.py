@@ -619,7 +619,9 @@ def test_long_skips_feed_each_block_output_to_its_mirror():
     assert TransformerStack(16, depth=4, heads=2, long_skips=False).skip_proj is None
 
 
-@pytest.mark.parametrize("pos,cond_mode", [("sincos2d", "additive"), ("peg", "adaln"), ("sincos2d+peg", "adaln")])
+@pytest.mark.parametrize(
+    "pos,cond_mode", [("sincos2d", "additive"), ("peg", "adaln"), ("sincos2d+peg", "adaln"), ("peg", "xattn")]
+)
 def test_query_features_stay_exact_with_long_skips_and_other_positions(pos, cond_mode):
     torch.manual_seed(0)
     nat = LatentNAT(
@@ -735,3 +737,23 @@ def test_flow_mc_source_takes_its_score_from_the_caller():
         fresh.calibrate(x_hat, codebook)
     cal = fresh.calibrate(x_hat, codebook, rho_target=0.25, scores=[score[:1], score[1:]])
     assert cal["tau"] == pytest.approx(float(np.quantile(score.numpy(), 0.75)), abs=1e-6)
+
+
+def test_xattn_attends_to_a_pooled_low_light_context():
+    """``cond_mode: xattn``: tokens carry no conditioning; every block cross-attends to the conditioning pooled to
+    ceil(h/4) x ceil(w/4) context tokens, so changing the low-light features changes the features."""
+    x_hat, codebook, color_map, cond = inputs(b=1)
+    tokens = torch.randint(0, K + 1, (1, 7, 9))
+    ent = torch.rand(1, 7, 9)
+    nat = tiny_latent_nat(cond_mode="xattn")
+    x, _, ctx = nat._tokens(tokens, x_hat, color_map, cond, ent)
+    assert ctx.shape == (1, 2 * 3, 32)  # ceil(7/4) x ceil(9/4) context tokens of width dim
+    x2, _, ctx2 = nat._tokens(tokens, x_hat, color_map, cond + 1.0, ent)
+    assert torch.equal(x, x2) and not torch.equal(ctx, ctx2)
+    assert all(b.xattn is not None and b.ada is None for b in nat.body.blocks)
+    with torch.no_grad():
+        f1 = nat.features(tokens, x_hat, color_map, cond, ent)
+        f2 = nat.features(tokens, x_hat, color_map, cond + 1.0, ent)
+    assert not torch.allclose(f1, f2)
+    with pytest.raises(ValueError, match="alternatives"):
+        TransformerBlock(32, 2, adaln=True, xattn=True)

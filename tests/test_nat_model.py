@@ -187,8 +187,8 @@ def test_omitted_knobs_take_the_spec_defaults_and_bad_knobs_are_named():
     assert resolve_nat_config({"decode": {"iters": 2}}, NAT2_DEFAULTS, "x")["decode"]["schedule"] == "cosine"
     with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.dimm is unknown"):
         resolve_nat_config({"model": {"dimm": 3}}, NAT2_DEFAULTS, "network_g.nat2")
-    with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.cond_mode = 'xattn' is not implemented"):
-        resolve_nat_config({"model": {"cond_mode": "xattn"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
+    with pytest.raises(ValueError, match=r"network_g\.nat2\.feedback\.mode = 'gated' is not implemented"):
+        resolve_nat_config({"feedback": {"mode": "gated"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
     ablations = {"model": {"uvit_skips": True, "pos": "peg", "tok_init": "codebook_lift", "cond_mode": "adaln"}}
     ablations["uncertainty"] = {"source": "margin"}
     ablations["decode"] = {"remask_rule": "threshold"}
