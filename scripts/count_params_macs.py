@@ -61,9 +61,7 @@ STAGES = ("E_c", "flow", "D_NL", "D_MF")
 
 
 # ----------------------------------------------------------------------------------------------- backends
-# shared with scripts/bench_nat.py: one formula per op
-sdpa_macs_from_shapes = perf.sdpa_macs_from_shapes
-deform_macs_from_shapes = perf.deform_macs_from_shapes
+# the formulas and the FlopCounterMode counter live in glare_nat_models.perf (shared with scripts/bench_nat.py)
 count_torch = perf.count_macs  # MACs of fn(*inputs) with FlopCounterMode (works on meta tensors)
 
 
@@ -101,10 +99,10 @@ def count_mmengine(fn: Callable, inputs: tuple) -> int:
     from mmengine.analysis.jit_handles import get_shape
 
     def sdpa(inp: list, out: list) -> int:
-        return sdpa_macs_from_shapes(*(get_shape(x) for x in inp[:3]))
+        return perf.sdpa_macs_from_shapes(*(get_shape(x) for x in inp[:3]))
 
     def deform(inp: list, out: list) -> int:
-        return deform_macs_from_shapes(get_shape(inp[1]), get_shape(out[0]))
+        return perf.deform_macs_from_shapes(get_shape(inp[1]), get_shape(out[0]))
 
     analyzer = FlopAnalyzer(_Call(fn), inputs)
     # Keep only convs and matrix products: the other default handles (norms, upsampling, pooling) count zero.
