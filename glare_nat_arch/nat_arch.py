@@ -89,9 +89,13 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.bias = nn.Parameter(torch.zeros(num_codes))
 
-    def forward(self, hidden: Tensor, table: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, table: Tensor, out: Tensor | None = None) -> Tensor:
+        """``out``: an ``N_q x K`` buffer to write the logits into (inference: no autograd through ``out=``)."""
         g = self.norm(self.act(self.fc(hidden)))
-        return torch.addmm(self.bias.to(g.dtype), g, table.t().to(g.dtype))  # one N_q x K allocation
+        bias, weight = self.bias.to(g.dtype), table.t().to(g.dtype)
+        if out is not None:
+            return torch.addmm(bias, g, weight, out=out)
+        return torch.addmm(bias, g, weight)  # one N_q x K allocation
 
 
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
@@ -294,17 +298,43 @@ class LatentNAT(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"LatentNAT: {name} must have shape {shape} (from tokens), got {tuple(t.shape)}")
 
-    def _tokens(
-        self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor
-    ) -> tuple[Tensor, tuple[int, int], Tensor | None]:
-        """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, the merged grid ``(h', w')`` and,
-        for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None)."""
-        self._check_inputs(tokens, x_hat, color_map, cond, entropy)
+    def cond_features(
+        self, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor, tokens: Tensor | None = None
+    ) -> Tensor:
+        """The projected conditioning ``B x dim x h x w`` = ``cond_proj([x_hat, color_map, cond, entropy])``.
+
+        With ``mask_hides_latent`` ``x_hat`` and the entropy are zeroed where ``tokens`` holds ``[MASK]`` (so
+        ``tokens`` is needed); otherwise the result does not depend on the tokens, and :meth:`refine` computes it
+        once for all rounds (passed to :meth:`query_features` as ``cond_feat``)."""
+        if tokens is not None:
+            self._check_inputs(tokens, x_hat, color_map, cond, entropy)
         ent = entropy[:, None].to(x_hat.dtype)
         if self.mask_hides_latent:
+            if tokens is None:
+                raise ValueError("LatentNAT.cond_features: mask_hides_latent needs the tokens")
             visible = (tokens != self.mask_token_id)[:, None].to(x_hat.dtype)
             x_hat, ent = x_hat * visible, ent * visible
-        c = self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
+        return self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
+
+    def _tokens(
+        self,
+        tokens: Tensor,
+        x_hat: Tensor,
+        color_map: Tensor,
+        cond: Tensor,
+        entropy: Tensor,
+        cond_feat: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+        """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, the merged grid ``(h', w')`` and,
+        for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None). ``cond_feat``: a
+        precomputed :meth:`cond_features` (token-independent only, i.e. without ``mask_hides_latent``)."""
+        if cond_feat is None:
+            c = self.cond_features(x_hat, color_map, cond, entropy, tokens)
+        elif self.mask_hides_latent:
+            raise ValueError("LatentNAT: with mask_hides_latent the conditioning depends on the tokens (no cond_feat)")
+        else:
+            self._check_inputs(tokens, x_hat, color_map, cond, entropy)
+            c = cond_feat
         e = self.tok_emb(tokens.long())
         if self.cond_mode == "additive":
             e = e + c.permute(0, 2, 3, 1)
@@ -343,16 +373,23 @@ class LatentNAT(nn.Module):
         return x.permute(0, 2, 3, 1)
 
     def query_features(
-        self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor, query_mask: Tensor
+        self,
+        tokens: Tensor,
+        x_hat: Tensor,
+        color_map: Tensor,
+        cond: Tensor,
+        entropy: Tensor,
+        query_mask: Tensor,
+        cond_feat: Tensor | None = None,
     ) -> Tensor:
         """``features(...)[query_mask]`` (``N_q x dim``, row-major ``(b, y, x)`` order) at a fraction of the cost.
 
         Only the merged tokens that cover a query position go through the last transformer block's queries and
         MLP and through the unmerge (all tokens stay keys and values, so the result equals the full computation up
-        to float rounding).
+        to float rounding). ``cond_feat``: :meth:`cond_features` computed once by the caller (same values).
         """
         b, h, w = tokens.shape
-        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy)
+        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy, cond_feat)
         m = self.merge
         padded = F.pad(query_mask, (0, wm * m - w, 0, hm * m - h))
         need = padded.reshape(b, hm, m, wm, m).any(4).any(2).reshape(b, hm * wm)  # merged tokens covering a query
@@ -514,9 +551,16 @@ class LatentNAT(nn.Module):
         confs: list[Tensor] = []
         softs: list[Tensor] = []
         ents: list[Tensor] = []
+        # inference: every chunk's logits go into one buffer (a fresh N_q x K block per chunk costs page faults on
+        # CPU, see chunked_code_distances); same values
+        buf = None
+        if not torch.is_grad_enabled() and hidden.shape[0] > 0:
+            buf = hidden.new_empty(min(self.head_chunk, hidden.shape[0]), self.codebook_size)
         for start in range(0, hidden.shape[0], self.head_chunk):
             rows = slice(start, start + self.head_chunk)
-            logp = torch.log_softmax(self.head(hidden[rows], table), dim=-1, dtype=torch.float32)
+            part = hidden[rows]
+            logits = self.head(part, table, None if buf is None else buf[: part.shape[0]])
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             if self.sample_temp > 0:
                 pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
             else:
@@ -592,12 +636,17 @@ class LatentNAT(nn.Module):
         history: list[Tensor] = []
         rounds = 0
         t_exec = self.iters if self.early_stop is None else self.early_stop
+        # the conditioning is the same in every round (unless masked positions hide the latent): project it once
+        cond_feat = None
+        if not self.mask_hides_latent and bool(mask.any()):
+            cond_feat = self.cond_features(x_hat, color_map, cond, ent, v.reshape(b, h, w))
         for t in range(1, t_exec + 1):
             if not bool(mask.any()):  # everything committed (n_t is then 0 in both scopes)
                 break
             query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
             rounds += 1
-            hidden = self.query_features(v.reshape(b, h, w), x_hat, color_map, cond, ent, query.reshape(b, h, w))
+            grid = v.reshape(b, h, w)
+            hidden = self.query_features(grid, x_hat, color_map, cond, ent, query.reshape(b, h, w), cond_feat)
             by_threshold = self.remask_rule == "threshold"
             pred, conf, soft_q, ent_q = self._decode_rows(
                 hidden,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glare_nat_arch.quantize import autocast_off, squared_code_distances
+from glare_nat_arch.quantize import autocast_off, chunked_code_distances
 
 __all__ = [
     "SCHEDULES",
@@ -71,12 +71,15 @@ def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[T
 
     Distances are the quantiser's (:func:`~glare_nat_arch.quantize.squared_code_distances`, float32 or wider,
     autocast off), so ``codes`` equals :meth:`VectorQuantizer.nearest_indices` (argmin, first index on ties).
+    ``codes`` is read off the sorted top-k where the nearest code is unique (``dist[..., 0] < dist[..., 1]``) and
+    comes from ``argmin`` only at ties (or for ``k = 1``, or a codebook with non-finite entries): no second pass
+    over the ``chunk x K`` block for most rows, the same indices.
 
     Args:
         z: ``B x C x h x w`` latents.
         codebook: ``K x C`` code vectors.
         k: number of nearest codes kept (clamped to ``K``).
-        chunk: rows (positions) per distance block; memory is ``chunk x K`` floats.
+        chunk: rows (positions) per distance block; memory is two ``chunk x K`` float buffers.
 
     Returns:
         ``dist`` ``B x h x w x k`` (ascending), ``idx`` ``B x h x w x k`` (int64), ``codes`` ``B x h x w`` (int64).
@@ -87,20 +90,30 @@ def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[T
     dtype = torch.promote_types(z.dtype, torch.float32)
     rows = z.detach().permute(0, 2, 3, 1).reshape(-1, c).to(dtype)
     emb = codebook.detach().to(dtype)
-    emb_sq = (emb**2).sum(dim=1)
-    dists, idxs, codes = [], [], []
-    with autocast_off(rows.device.type):
-        for start in range(0, rows.shape[0], chunk):
-            d = squared_code_distances(rows[start : start + chunk], emb, emb_sq)
-            top = d.topk(k, dim=1, largest=False, sorted=True)
-            dists.append(top.values)
-            idxs.append(top.indices)
-            codes.append(d.argmin(1))
-    return (
-        torch.cat(dists).reshape(b, h, w, k),
-        torch.cat(idxs).reshape(b, h, w, k),
-        torch.cat(codes).reshape(b, h, w),
-    )
+    n = rows.shape[0]
+    dists = rows.new_empty(n, k)
+    idxs = torch.empty(n, k, dtype=torch.long, device=rows.device)
+    codes = torch.empty(n, dtype=torch.long, device=rows.device)
+    # topk's order among equal values is unspecified and a NaN distance (non-finite code) ranks differently in
+    # topk and argmin: argmin decides those rows
+    from_topk = k >= 2 and bool(torch.isfinite(emb).all())
+    with torch.no_grad(), autocast_off(rows.device.type):
+        for start, d in chunked_code_distances(rows, emb, chunk):
+            part = slice(start, start + d.shape[0])
+            if k == 1:
+                torch.argmin(d, dim=1, out=codes[part])
+                torch.gather(d, 1, codes[part, None], out=dists[part])
+                idxs[part] = codes[part, None]
+                continue
+            torch.topk(d, k, dim=1, largest=False, sorted=True, out=(dists[part], idxs[part]))
+            if not from_topk:
+                torch.argmin(d, dim=1, out=codes[part])
+                continue
+            codes[part] = idxs[part, 0]
+            tie = ~(dists[part, 0] < dists[part, 1])  # equal nearest distances, or NaN (non-finite latent)
+            if bool(tie.any()):
+                codes[part][tie] = d[tie].argmin(1)
+    return dists.reshape(b, h, w, k), idxs.reshape(b, h, w, k), codes.reshape(b, h, w)
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, chunk: int = 2048) -> Tensor:

@@ -28,7 +28,7 @@ from glare_nat_arch.nat_uncertainty import (
     sample_train_mask,
     still_masked_counts,
 )
-from glare_nat_arch.quantize import VectorQuantizer
+from glare_nat_arch.quantize import VectorQuantizer, chunked_code_distances, squared_code_distances
 from glare_nat_arch.transformer import TransformerBlock, TransformerStack, sincos_pos_embed_2d
 
 K = 32  # tiny codebook
@@ -121,6 +121,35 @@ def test_knn_codes_match_brute_force_and_are_chunk_invariant():
     assert (dist.diff(dim=-1) >= 0).all()
     d2, i2, c2 = knn_codes(x_hat, codebook, 8, chunk=4096)
     assert torch.equal(c2, codes) and torch.equal(i2, idx) and torch.equal(d2, dist)
+
+
+def test_knn_codes_break_ties_and_nan_like_the_quantisers_argmin():
+    """``codes`` comes from the sorted top-k except at ties and non-finite distances, where argmin (first index)
+    decides: duplicated codes (exact ties), a NaN latent and a codebook with an inf entry all give argmin's index."""
+    g = torch.Generator().manual_seed(5)
+    book = torch.randn(40, 3, generator=g)
+    book = torch.cat([book, book[:10]])  # codes 40..49 duplicate 0..9: every latent nearest to one of them ties
+    z = torch.cat([book[:10].t().reshape(1, 3, 2, 5), torch.randn(1, 3, 2, 5, generator=g)], dim=2)
+    z[0, :, 3, 4] = float("nan")
+    for cb in (book, torch.cat([book, torch.tensor([[float("inf"), 0.0, 0.0]])])):
+        rows = z.permute(0, 2, 3, 1).reshape(-1, 3)
+        ref = squared_code_distances(rows, cb, (cb**2).sum(1)).argmin(1).reshape(1, 4, 5)
+        for k, chunk in ((1, 3), (2, 7), (8, 4096)):
+            dist, idx, codes = knn_codes(z, cb, k, chunk=chunk)
+            assert torch.equal(codes, ref), (k, chunk)
+            assert dist.shape == (1, 4, 5, k) and idx.shape == (1, 4, 5, k)
+        if cb is book:
+            assert torch.equal(ref[0, :2].reshape(-1), torch.arange(10))  # the ties were real: first index won
+        else:
+            assert (ref == 50).sum() >= 3  # NaN distances to the inf code win argmin: topk alone would disagree
+
+
+def test_chunked_code_distances_equal_the_one_shot_formula_bit_for_bit():
+    g = torch.Generator().manual_seed(6)
+    rows, cb = torch.randn(23, 3, generator=g) * 50, torch.randn(64, 3, generator=g) * 50
+    ref = squared_code_distances(rows, cb, (cb**2).sum(1))
+    got = torch.cat([d.clone() for _, d in chunked_code_distances(rows, cb, 5)])  # buffers reused: copy each
+    assert torch.equal(got, ref)
 
 
 def test_knn_codes_pick_the_quantisers_code_even_under_autocast():
@@ -552,6 +581,28 @@ def test_refine_without_stats_decodes_the_same_codes():
         b = net.refine(x_hat, codebook, color_map, cond, stats=False)
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["z_out"], b["z_out"])
     assert b["uncertainty"] is None and b["soft_codes"] is None and a["uncertainty"] is not None
+
+
+def test_refine_projects_the_conditioning_once_and_decodes_the_same(monkeypatch):
+    """The conditioning does not depend on the tokens (unless ``mask_hides_latent``): refine projects it once for
+    all rounds and decodes exactly what a per-round projection decodes."""
+    x_hat, codebook, color_map, cond = inputs()
+    for hides in (False, True):
+        net = tiny_latent_nat(tau=0.0, rho_max=0.5, mask_hides_latent=hides)
+        calls = []
+        net.cond_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        with torch.no_grad():
+            out = net.refine(x_hat, codebook, color_map, cond)
+        assert out["rounds"] == 4 and len(calls) == (4 if hides else 1)
+    net = tiny_latent_nat(tau=0.0, rho_max=0.5)
+    with torch.no_grad():
+        once = net.refine(x_hat, codebook, color_map, cond)
+        plain = LatentNAT.query_features
+        monkeypatch.setattr(net, "query_features", lambda *a, **kw: plain(net, *a[:6]))  # cond_feat dropped
+        per_round = net.refine(x_hat, codebook, color_map, cond)
+    assert torch.equal(once["codes"], per_round["codes"]) and torch.equal(once["z_out"], per_round["z_out"])
+    with pytest.raises(ValueError, match="mask_hides_latent"):
+        tiny_latent_nat(mask_hides_latent=True).cond_features(x_hat, color_map, cond, torch.zeros(2, 7, 9))
 
 
 # ------------------------------------------------------- ablation knobs (nat.md §6.1)
