@@ -321,7 +321,9 @@ class _LatentNATMixin:
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": unc, "refine": None}
         need_u = getattr(self, "nat3", None) is not None
         score = self.nat2_score(rev, codebook)
-        ref = self.nat2.refine(z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u, score=score)
+        ref = self.nat2.refine(
+            z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u, score=score, soft_codes=False
+        )
         if ref["z_out"] is z_hat:  # nothing masked: GLARE's own latent for both decoders
             z_nl, quant_nl = z_hat, None
         else:

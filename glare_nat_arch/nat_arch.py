@@ -551,16 +551,23 @@ class LatentNAT(nn.Module):
         confs: list[Tensor] = []
         softs: list[Tensor] = []
         ents: list[Tensor] = []
-        # inference: every chunk's logits go into one buffer (a fresh N_q x K block per chunk costs page faults on
-        # CPU, see chunked_code_distances); same values
-        buf = None
-        if not torch.is_grad_enabled() and hidden.shape[0] > 0:
-            buf = hidden.new_empty(min(self.head_chunk, hidden.shape[0]), self.codebook_size)
+        # inference: every chunk's logits, log-probabilities and entropy terms go into two buffers allocated once (a
+        # fresh N_q x K block per chunk costs page faults on CPU, see chunked_code_distances); same values
+        bufs = None
+        eager = not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+        if eager and hidden.shape[0] > 0:  # (out= runs outside autocast's casts: buffers in float32 mode only)
+            rows_max = min(self.head_chunk, hidden.shape[0])
+            bufs = [torch.empty(rows_max, self.codebook_size, device=hidden.device) for _ in range(2)]
         for start in range(0, hidden.shape[0], self.head_chunk):
             rows = slice(start, start + self.head_chunk)
             part = hidden[rows]
-            logits = self.head(part, table, None if buf is None else buf[: part.shape[0]])
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            if bufs is None:
+                logp = torch.log_softmax(self.head(part, table), dim=-1, dtype=torch.float32)
+                work = None
+            else:
+                work, logp = (b[: part.shape[0]] for b in bufs)
+                logits = self.head(part, table, work if part.dtype == torch.float32 else None)  # else a new block
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp)
             if self.sample_temp > 0:
                 pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
             else:
@@ -573,7 +580,7 @@ class LatentNAT(nn.Module):
                 if want_soft:
                     softs.append(probs @ book)
                 if want_entropy:
-                    ents.append(normalized_entropy(probs))
+                    ents.append(normalized_entropy(probs, work))
         if not preds:
             empty = hidden.new_zeros(0, dtype=torch.float32)
             soft = empty.new_zeros(0, book.shape[1]) if want_soft else None
@@ -590,6 +597,7 @@ class LatentNAT(nn.Module):
         generator: torch.Generator | None = None,
         stats: bool = True,
         score: Tensor | None = None,
+        soft_codes: bool | None = None,
     ) -> dict[str, Any]:
         """Entropy-masked iterative refinement (Algorithm B, nat.md §3.6) and feedback (§3.7).
 
@@ -597,6 +605,7 @@ class LatentNAT(nn.Module):
         decoding is deterministic; otherwise the noise comes from ``generator``. ``stats=False`` skips what only
         NAT-III and the statistics read (``uncertainty`` and, with ``feedback='hard'``, ``soft_codes`` are then
         None): the entropy and expected code of each committing distribution (``N_q x K`` work per round).
+        ``soft_codes`` (default: ``stats``) decides the expected codes alone: NAT-III needs ``uncertainty`` only.
 
         Args:
             x_hat: ``B x code_dim x h x w`` flow output; codebook: ``K x code_dim``;
@@ -629,7 +638,7 @@ class LatentNAT(nn.Module):
         mask = m0.reshape(b, n)
         union = mask.clone()
         code_rows = codebook.to(x_hat.dtype)
-        want_soft = stats or self.feedback == "soft"
+        want_soft = (stats if soft_codes is None else soft_codes) or self.feedback == "soft"
         soft = code_rows[v0.reshape(b, n)] if want_soft else None  # B x N x c
         commit_ent = ent.reshape(b, n).clone() if stats else None
         masks: list[Tensor] = []

@@ -128,12 +128,15 @@ def code_probs(dist: Tensor, dist_temp: float) -> Tensor:
     return torch.softmax(-dist / dist_temp, dim=-1)
 
 
-def normalized_entropy(probs: Tensor) -> Tensor:
-    """Entropy of the distributions on the last dim divided by ``log(n)``, clamped to ``[0, 1]``."""
+def normalized_entropy(probs: Tensor, work: Tensor | None = None) -> Tensor:
+    """Entropy of the distributions on the last dim divided by ``log(n)``, clamped to ``[0, 1]``.
+
+    ``work``: a buffer shaped like ``probs`` for the ``p log p`` terms (no autograd through it; same values)."""
     n = probs.shape[-1]
     if n < 2:
         raise ValueError(f"normalized_entropy needs at least 2 outcomes, got {n}")
-    ent = -torch.special.xlogy(probs, probs).sum(-1)
+    terms = torch.special.xlogy(probs, probs) if work is None else torch.special.xlogy(probs, probs, out=work)
+    ent = -terms.sum(-1)
     return (ent / math.log(n)).clamp(0.0, 1.0)
 
 

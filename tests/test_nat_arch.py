@@ -605,6 +605,25 @@ def test_refine_projects_the_conditioning_once_and_decodes_the_same(monkeypatch)
         tiny_latent_nat(mask_hides_latent=True).cond_features(x_hat, color_map, cond, torch.zeros(2, 7, 9))
 
 
+def test_inference_buffers_and_inplace_gelu_give_the_autograd_paths_values_bit_for_bit():
+    """Without autograd the MLP's GELU runs in place and the head's logits / log-probabilities / entropy terms go
+    into reused buffers (``head_chunk`` 8: several chunks share them): the values are those of the plain path."""
+    x_hat, codebook, color_map, cond = inputs(b=2, h=12, w=14)
+    net = tiny_latent_nat(tau=0.0, rho_max=0.5, head_chunk=8)
+    mlp = net.body.blocks[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fast = mlp(x)
+    assert torch.equal(fast, mlp(x))
+    with torch.no_grad():
+        a = net.refine(x_hat, codebook, color_map, cond)
+        only_u = net.refine(x_hat, codebook, color_map, cond, soft_codes=False)
+    b = net.refine(x_hat, codebook, color_map, cond)  # autograd on: fresh tensors, out-of-place GELU
+    for key in ("codes", "z_out", "uncertainty", "soft_codes"):
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(only_u["uncertainty"], a["uncertainty"]) and only_u["soft_codes"] is None
+
+
 # ------------------------------------------------------- ablation knobs (nat.md §6.1)
 def test_margin_uncertainty_is_the_top2_probability_ratio_and_drives_the_mask():
     """``uncertainty.source: margin``: score = exp(-(d2 - d1) / T_d) = p0(2nd) / p0(1st), 1 at a tie; tau is its
