@@ -557,7 +557,7 @@ class LatentNAT(nn.Module):
         eager = not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
         if eager and hidden.shape[0] > 0:  # (out= runs outside autocast's casts: buffers in float32 mode only)
             rows_max = min(self.head_chunk, hidden.shape[0])
-            bufs = [torch.empty(rows_max, self.codebook_size, device=hidden.device) for _ in range(2)]
+            bufs = [hidden.new_empty(rows_max, self.codebook_size, dtype=torch.float32) for _ in range(2)]
         for start in range(0, hidden.shape[0], self.head_chunk):
             rows = slice(start, start + self.head_chunk)
             part = hidden[rows]
