@@ -654,8 +654,8 @@ class LatentNAT(nn.Module):
                 break
             query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
             rounds += 1
-            grid = v.reshape(b, h, w)
-            hidden = self.query_features(grid, x_hat, color_map, cond, ent, query.reshape(b, h, w), cond_feat)
+            tokens = v.reshape(b, h, w)
+            hidden = self.query_features(tokens, x_hat, color_map, cond, ent, query.reshape(b, h, w), cond_feat)
             by_threshold = self.remask_rule == "threshold"
             pred, conf, soft_q, ent_q = self._decode_rows(
                 hidden,

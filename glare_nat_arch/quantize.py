@@ -33,9 +33,10 @@ def chunked_code_distances(rows: Tensor, codes: Tensor, chunk: int) -> Iterator[
 
     Yields ``(start, dist)`` with ``dist`` (n x K, n <= chunk) the distances of ``rows[start : start + n]``, the same
     values as :func:`squared_code_distances` (the same operations in the same order). Every chunk is written into
-    two buffers allocated once: a fresh ``chunk x K`` tensor per chunk is mapped, page-faulted and zeroed by the
-    OS each time on CPU (a 32 MiB block is above glibc's mmap threshold), which made these memory-bound passes
-    ~1.6x slower. ``dist`` is overwritten by the next step: consume it (or copy what you keep) before advancing.
+    two buffers allocated once instead of fresh ``chunk x K`` tensors (on CPU a fresh 32 MiB block is above glibc's
+    mmap threshold, so the OS maps and zeroes it again each time): distances plus top-64 of 15,000 rows against 8192
+    codes took 1.16-1.25 s with fresh blocks and 0.74-0.78 s with the buffers (2 threads). ``dist`` is overwritten
+    by the next step: consume it (or copy what you keep) before advancing.
     Call it with autocast off and without autograd (``out=`` operations).
     """
     n, k = rows.shape[0], codes.shape[0]
