@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Normalize, can_write_inplace, swish_tmp
+from glare_nat_arch.blocks import Decoder, Normalize, can_write_inplace
 from glare_nat_arch.deform import LeanDCNv2Pack
+from glare_nat_arch.streaming import conv_rows, row_strips, rows_with_halo
 
 __all__ = ["Mix", "WarpBlock", "MultiScaleDecoder"]
 
@@ -78,10 +79,41 @@ class WarpBlock(nn.Module):
         other = F.conv2d(h, w[:, c:], None, padding=1)
         return out.add_(other) if can_write_inplace(out, other) else out + other
 
+    def forward_streamed(self, n: Tensor, h: Tensor, rows: int) -> Tensor:
+        """:meth:`forward` at inference, ``rows`` output rows at a time (row streaming, :mod:`~glare_nat_arch.
+        streaming`): the offset feature and the offsets/masks exist per strip only, the tap-wise DCN samples the
+        whole ``n``. Same result up to float rounding; (B, C, H, W) -> (B, C, H, W)."""
+        b, c, height, width = n.shape
+        w = self.offset.weight
+        u = n.new_empty(b, self.dcn.out_channels, height, width)
+        n_off = 2 * self.dcn.deformable_groups * self.dcn.kernel_size[0] * self.dcn.kernel_size[1]
+        offset_abs = torch.zeros((), dtype=torch.float64)
+        for r0, r1 in row_strips(height, rows):
+            a, z = max(r0 - 1, 0), min(r1 + 1, height)  # offset-feature rows under conv_offset's 3x3 window
+            feat = F.conv2d(rows_with_halo(n, a, z), w[:, :c], self.offset.bias, padding=(0, 1))
+            feat += F.conv2d(rows_with_halo(h, a, z), w[:, c:], None, padding=(0, 1))
+            if a > r0 - 1 or z < r1 + 1:  # conv_offset's zero padding at the image border
+                feat = F.pad(feat, (0, 0, a - (r0 - 1), r1 + 1 - z))
+            out = conv_rows(self.dcn.conv_offset, feat)
+            del feat
+            offset_abs += out[:, :n_off].abs().sum(dtype=torch.float64)
+            u[:, :, r0:r1] = self.dcn.deform(n, out, row_start=r0)
+        self.dcn.warn_offsets(offset_abs / (b * n_off * height * width))
+        return u
+
     def forward(self, n: Tensor, h: Tensor) -> Tensor:
         if self.dcn.uses_tapwise(n):  # inference on a large map: the offset feature is freed before the sampling
             return self.dcn.deform(n, self.dcn.conv_offset(self.offset_feature(n, h)))
         return self.dcn(n, self.offset_feature(n, h))
+
+
+def _resolve(feats: list, i: int, release: bool) -> Tensor:
+    """``feats[i]``, computed if it is a deferred feature (a callable); with ``release`` the entry is set to None so
+    that the caller's list no longer keeps it."""
+    item = feats[i]
+    if release:
+        feats[i] = None
+    return item() if callable(item) else item
 
 
 class _UnusedResBlock(nn.Module):
@@ -174,7 +206,10 @@ class MultiScaleDecoder(Decoder):
 
         Memory at inference (autograd off, no ``intermediates``): the mix and the rescale run in place, and with
         ``release_inputs`` the entries of the ``nl_feats`` / ``skips`` lists (which the caller hands over) are set
-        to None once used, so each is freed as early as possible. Results are unchanged (float rounding)."""
+        to None once used, so each is freed as early as possible. An entry may also be a zero-argument callable
+        (a deferred feature: :meth:`~glare_nat_arch.blocks.Encoder.forward`'s ``defer_first_skip``,
+        :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`'s ``defer_finest``), called when the fusion needs it:
+        the skip before the mix, the NL feature after it. Results are unchanged (float rounding)."""
         n_fused = len(self.warp)
         if len(nl_feats) != n_fused or len(skips) != n_fused:
             raise ValueError(
@@ -186,12 +221,14 @@ class MultiScaleDecoder(Decoder):
 
         def fuse(i_level: int, h: Tensor) -> Tensor:
             j = n_fused - 1 - i_level  # module / NL-feature index (coarse to fine)
-            h_mix = self.mix[j](skips[i_level], h, inplace=inplace)
-            if release_inputs:
-                skips[i_level] = None  # type: ignore[call-overload]
-            u = self.warp[j](nl_feats[j], h_mix)
-            if release_inputs:
-                nl_feats[j] = None  # type: ignore[call-overload]
+            h_mix = self.mix[j](_resolve(skips, i_level, release_inputs), h, inplace=inplace)
+            warp = self.warp[j]
+            n = _resolve(nl_feats, j, release_inputs)
+            if self._streams_fusion(h_mix, warp):
+                u = warp.forward_streamed(n, h_mix, self.row_streaming.rows)
+            else:
+                u = warp(n, h_mix)
+            del n
             ratio = self._ratio(h_mix, u)
             if inplace and can_write_inplace(u, h_mix, ratio):
                 return u.mul_(ratio).add_(h_mix)  # = h_mix + u * ratio, in u's memory
@@ -212,4 +249,9 @@ class MultiScaleDecoder(Decoder):
             return h_post
 
         h, _ = self.run_backbone(z, level_hook=fuse, collect=False, mid_hook=mid_hook)
-        return self.residual_conv(swish_tmp(self.norm_out(h)))
+        return self._head(self.norm_out, self.residual_conv, h)
+
+    def _streams_fusion(self, h: Tensor, warp: WarpBlock) -> bool:
+        """Whether the fusion's warp runs streamed: row streaming applies to ``h`` and the DCN may run tap-wise."""
+        cfg = self.row_streaming
+        return cfg is not None and warp.dcn.impl != "im2col" and cfg.applies(h.shape, h, self.training)

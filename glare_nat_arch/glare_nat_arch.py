@@ -335,12 +335,15 @@ class _LatentNATMixin:
         return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
 
     @staticmethod
-    def decode_nl(vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool) -> tuple[Tensor | None, list[Tensor]]:
-        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb or None, [n1, n0])``."""
+    def decode_nl(
+        vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool, defer_finest: bool = False
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb or None, [n1, n0])`` (``n0`` a
+        callable computing it later with ``defer_finest``, see :meth:`GLARENet.forward`)."""
         quant = lat.get("quant_nl")
         if quant is None:
             quant, _, _ = vqgan.quantize_latent(lat["z_nl"])
-        return vqgan.decode_quant(quant, return_rgb=return_rgb)
+        return vqgan.decode_quant(quant, return_rgb=return_rgb, defer_finest=defer_finest)
 
 
 @ARCH_REGISTRY.register()
@@ -452,9 +455,10 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
         if lq.dim() != 4:
             raise ValueError(f"GLARENATNet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
         x, (h, w) = pad_to_multiple(lq, self.downscale)
-        rev = self.reverse(x)
+        lean = not return_intermediates and self.defers_finest(x)  # s0, n0 computed when the fusion needs them
+        rev = self.reverse(x, defer_first_skip=lean)
         lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates)
+        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates, defer_finest=lean)
         info: dict[str, Tensor] = {}
         hook = None
         if self.nat3 is not None:

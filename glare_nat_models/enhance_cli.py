@@ -42,6 +42,7 @@ from glare_nat_models.inference import (
     resolve_precision,
     run_enhancer,
     select_device,
+    set_malloc_mmap_threshold,
 )
 
 __all__ = ["SourceImage", "load_source", "restore_layout", "output_paths", "enhance_array", "main"]
@@ -200,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--suffix", default="", help="appended to each output file stem (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. network_g:x=1")
+    p.add_argument(
+        "--mmap-threshold-mb",
+        type=float,
+        default=0.0,
+        help="CPU low-memory mode: allocations of at least this many MiB are handed back to the OS when freed "
+        "(glibc; e.g. 4; slower; default 0 = the allocator's default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         outs = output_paths(inputs, Path(args.output), args.suffix)
         device = select_device(args.device)
         dtype = resolve_precision(device, args.fp16, args.bf16)
+        if args.mmap_threshold_mb > 0 and not set_malloc_mmap_threshold(args.mmap_threshold_mb):
+            print("glare-nat-enhance: --mmap-threshold-mb needs glibc; ignored", file=sys.stderr)
         model = load_model_from_options(args.opt, parse_overrides(args.set), device)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"glare-nat-enhance: error: {exc}", file=sys.stderr)

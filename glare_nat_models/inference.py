@@ -4,7 +4,8 @@
 * :func:`tiled_forward`: overlapping tiles with a cosine cross-fade, batched over tiles, for images too large
   for one forward pass.
 * :func:`select_device`, :func:`autocast_context`, :func:`auto_tile_size`: device / precision / memory policy
-  (reduced precision and automatic tiling are CUDA-only; the CPU path is plain float32, untiled unless asked).
+  (reduced precision and automatic tiling are CUDA-only; the CPU path is plain float32, untiled unless asked);
+  :func:`set_malloc_mmap_threshold`: the CPU allocator policy of the low-memory mode (``--mmap-threshold-mb``).
 * :func:`load_options`, :func:`load_model_from_options`, :func:`model_forward_fn`: build a BasicSR model from a
   test option file without the BasicSR test pipeline, so no ``results/`` or ``experiments/`` folder is created.
 
@@ -43,6 +44,7 @@ __all__ = [
     "autocast_context",
     "estimate_bytes_per_pixel",
     "auto_tile_size",
+    "set_malloc_mmap_threshold",
     "load_options",
     "pretrain_paths",
     "load_model_from_options",
@@ -252,6 +254,35 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def set_malloc_mmap_threshold(mb: float) -> bool:
+    """Serve every CPU allocation of at least ``mb`` MiB from its own memory mapping (glibc ``mallopt``
+    ``M_MMAP_THRESHOLD``), for the whole process. Returns False (and changes nothing) without glibc.
+
+    By default glibc raises this threshold to the size of freed blocks, up to 32 MiB, so the tens-of-MiB strips and
+    quarter-resolution maps of row-streamed inference come from the heap, and the heap keeps freed pages: the
+    process's resident memory then exceeds the live tensors by a few hundred MiB (docs/performance.md). A fixed
+    threshold hands such blocks back to the OS when freed, at the cost of zeroing fresh pages on every allocation
+    (slower). Process-wide, so only entry points call it, when asked (``--mmap-threshold-mb``).
+    """
+    if mb <= 0:
+        raise ValueError(f"mmap threshold must be positive, got {mb} MiB")
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mb * 2**20)))
 
 
 def estimate_bytes_per_pixel(fn: TensorFn, channels: int, device: torch.device, probe: int = 128) -> float:

@@ -152,3 +152,16 @@ def test_script_wrapper_reports_failures(setup, tmp_path):
     assert res.returncode == 1, res.stderr
     assert "zero.png" in res.stderr and "empty" in res.stderr
     assert (tmp_path / "out" / "ok.png").is_file()
+
+
+def test_mmap_threshold_option_sets_the_allocator_policy(setup, tmp_path, monkeypatch):
+    """``--mmap-threshold-mb`` reaches the allocator (mocked here: it is process-wide; its effect is tested in a
+    subprocess in test_inference.py); without it the policy is left alone."""
+    yml, _ = setup
+    cv2.imwrite(str(tmp_path / "a.png"), _rng_image((12, 16, 3)))
+    calls = []
+    monkeypatch.setattr(enhance_cli, "set_malloc_mmap_threshold", lambda mb: calls.append(mb) or True)
+    assert _run(yml, tmp_path / "a.png", tmp_path / "o1") == 0
+    assert calls == []
+    assert _run(yml, tmp_path / "a.png", tmp_path / "o2", "--mmap-threshold-mb", "4") == 0
+    assert calls == [4.0]

@@ -191,3 +191,36 @@ def test_auto_tile_size(monkeypatch):
     side = inf.auto_tile_size(cuda, (4000, 6000), bytes_per_pixel=1000.0)
     assert side % 4 == 0 and side * side <= 10 * 2**30 * 0.6 / 1000 < (side + 4) ** 2
     assert inf.auto_tile_size(cuda, (4000, 6000), bytes_per_pixel=1e9) == 64  # min_tile floor
+
+
+_RETAINED_SNIPPET = """
+import sys, torch
+from glare_nat_models.inference import set_malloc_mmap_threshold
+if sys.argv[1] != "default":
+    assert set_malloc_mmap_threshold(float(sys.argv[1]))
+def rss():
+    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+base = rss()
+for _ in range(2):  # glibc raises its dynamic threshold after the first (mmapped) block is freed
+    t = torch.empty(20 * 2**20 // 4).fill_(1.0)
+    del t
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc (glibc allocator test)")
+def test_malloc_mmap_threshold_hands_freed_blocks_back():
+    """glibc's default policy keeps a freed 20 MiB block resident (dynamic threshold); a fixed 1 MiB threshold
+    returns it to the OS. Each case in its own process (the setting is process-wide)."""
+    import subprocess
+    import sys
+
+    def retained(arg: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", _RETAINED_SNIPPET, arg], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return float(proc.stdout.split()[-1])
+
+    assert retained("default") >= 15.0
+    assert retained("1") <= 5.0
+    with pytest.raises(ValueError, match="must be positive"):
+        inf.set_malloc_mmap_threshold(0)

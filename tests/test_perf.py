@@ -187,8 +187,12 @@ def test_target_lines_judge_only_what_was_measured():
     cpu = torch.device("cpu")
     other = [{"size": "800x600", "amp": "none", "latency_ratio": 0.55, "peak_ratio": 0.27, "max_abs": 2e-2}]
     assert all(line.endswith("n/a") for line in bench.target_checks(other, [], [], cpu))
-    measured = [{"size": "600x400", "amp": "none", "latency_ratio": 0.73, "peak_ratio": 0.5, "max_abs": 1.4e-5}]
-    measured[0].update(codes_differ=0, codes_total=15000)
+    measured = [{"size": "600x400", "amp": "none", "latency_ratio": 0.73, "peak_ratio": 0.2, "max_abs": 1.4e-5}]
+    measured[0].update(codes_differ=0, codes_total=15000, peak_increase_ratio=0.5)
     lines = bench.target_checks(measured, [], [], cpu)
+    # memory is judged on the call's RSS increase (0.5 here), not on the whole process (peak_ratio)
     assert [line.rsplit(" ", 1)[1] for line in lines] == ["FAIL", "PASS", "PASS"]
+    assert "(RSS increase ratio 0.500)" in lines[0]
     assert "(codes differing 0/15000)" in lines[2]
+    measured[0].update(peak_increase_ratio=0.21, peak_ratio=0.6)
+    assert bench.target_checks(measured, [], [], cpu)[0].endswith("PASS")
