@@ -15,7 +15,11 @@ strip by strip (``rows`` output rows at a time) and keeps only what the math nee
   adds ``conv2``'s strips to the output in place: the shortcut (identity, or the 1x1 ``nin_shortcut`` computed from
   the same strips) is the accumulator.
 
-Results equal the whole-map computation up to float rounding (``tests/test_streaming.py``). Streaming applies only
+Users: :class:`~glare_nat_arch.blocks.Encoder` / :class:`~glare_nat_arch.blocks.Decoder` (levels, heads,
+``conv_in``), :meth:`~glare_nat_arch.aft.WarpBlock.forward_streamed` (the fusion's offsets and deformable sampling
+per strip) and :meth:`~glare_nat_arch.glare_arch.GLAREFlowNet.defers_finest` (the schedule that recomputes the
+finest skip instead of keeping it). Results equal the whole-map computation up to float rounding
+(``tests/test_streaming.py``). Streaming applies only
 without autograd, in eval mode, without autocast and on CPU, to levels without attention whose maps exceed
 ``min_mb`` (:class:`RowStreaming`); everything else runs the plain modules. The loops here run over strips of rows
 and the blocks of a level, never over pixels.
