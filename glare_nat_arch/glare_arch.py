@@ -131,8 +131,8 @@ class GLAREFlowNet(nn.Module):
             unused_f_in=flow_unused_f_in,
             unused_f_out=flow_unused_f_out,
         )
-        self.row_streaming = None if row_stream_mb is None else RowStreaming(row_stream_mb, row_stream_rows)
-        set_row_streaming(self, self.row_streaming)
+        self._row_streaming = None if row_stream_mb is None else RowStreaming(row_stream_mb, row_stream_rows)
+        set_row_streaming(self, self._row_streaming)
 
     def _check_lq(self, lq: Tensor) -> None:
         if lq.dim() != 4:
@@ -154,7 +154,7 @@ class GLAREFlowNet(nn.Module):
         """Whether inference on ``x`` (B, 3, H, W) runs the lean schedule: row streaming applies to the finest
         level, so its maps (the skip ``s0``, the NL feature ``n0``) are computed when the fusion needs them instead
         of being held through the whole network (:class:`GLARENet`)."""
-        cfg = self.row_streaming
+        cfg = self.RRDB.encoder.row_streaming  # the one setting (set_row_streaming), not a copy of it
         if cfg is None:
             return False
         b, _, h, w = x.shape
@@ -234,7 +234,7 @@ class GLARENet(GLAREFlowNet):
             dcn_im2col_budget_mb=dcn_im2col_budget_mb,
             **enc.arch_kwargs,
         )
-        set_row_streaming(self, self.row_streaming)
+        set_row_streaming(self, self._row_streaming)  # D_MF too
 
     def forward(
         self,

@@ -189,7 +189,6 @@ def test_applies_only_at_cpu_inference_above_the_size():
 
 def _tiny_nets(streaming: RowStreaming | None):
     net, vq = perf.build_inference_networks(tiny=True)
-    net.row_streaming = streaming
     set_row_streaming(net, streaming)
     set_row_streaming(vq, streaming)
     return net, vq
@@ -224,7 +223,6 @@ def test_glarenet_lean_schedule_equals_the_plain_path(monkeypatch):
     monkeypatch.setattr(Encoder, "first_level", spy_first)
     monkeypatch.setattr(Decoder, "_level_forward", spy_level)
     monkeypatch.setattr(blocks, "stream_level", spy_stream)
-    net.row_streaming = ALWAYS
     set_row_streaming(net, ALWAYS)
     set_row_streaming(vq, ALWAYS)
     with torch.inference_mode():
@@ -245,7 +243,6 @@ def test_glarenet_streamed_intermediates_keep_results():
     x = perf.make_low_light_image(36, 44, seed=4)
     with torch.inference_mode():
         plain = net(x, vq, return_intermediates=True)
-        net.row_streaming = ALWAYS
         set_row_streaming(net, ALWAYS)
         set_row_streaming(vq, ALWAYS)
         streamed = net(x, vq, return_intermediates=True)
@@ -262,7 +259,6 @@ def test_golden_stage3_streamed(golden, stage3_golden):
     net, vq = stage3_golden
     net, vq = copy.deepcopy(net).double(), copy.deepcopy(vq).double()
     cfg = RowStreaming(min_mb=0.0, rows=5)
-    net.row_streaming = cfg
     set_row_streaming(net, cfg)
     set_row_streaming(vq, cfg)
     with torch.inference_mode():
@@ -285,6 +281,9 @@ def test_reference_of_the_benchmark_does_not_stream():
     ref = perf.with_explicit_attention(net)
     assert net.RRDB.encoder.row_streaming is not None
     assert all(m.row_streaming is None for m in ref.modules() if isinstance(m, Encoder | Decoder))
+    big = torch.zeros(1, 3, 800, 1200)  # maps above 64 MiB: our network defers s0 / n0, the reference must not
+    with torch.no_grad():
+        assert net.defers_finest(big) and not ref.defers_finest(big)
 
 
 def test_defer_arguments_are_checked():
@@ -323,10 +322,8 @@ def test_glare_nat_net_streamed_equals_plain():
     x = perf.make_low_light_image(32, 40, seed=6)
     bench_nat.calibrate(vq, net, flow, x)
     with torch.inference_mode():
-        net.row_streaming = None
         set_row_streaming(net, None)
         plain = net(x, vq)
-        net.row_streaming = ALWAYS
         set_row_streaming(net, ALWAYS)
         set_row_streaming(vq, ALWAYS)
         assert net.defers_finest(x)
