@@ -43,12 +43,17 @@ Shims (see ``design/basicsr.md`` §4 and the README section "Compatibility shims
     restores its own on resume.
 12. ``--local-rank`` (passed by ``python -m torch.distributed.launch`` since torch 2.0) is rewritten to the
     stock ``--local_rank``.
+13. Training ends at ``total_iter``: the stock loop plans its epochs with ``ceil(images * enlarge / (batch *
+    world))`` iterations each, but its loader drops every process's last partial batch, so it stops early
+    whenever the data set is not a multiple of ``batch * world``. The wrapped
+    ``create_train_val_dataloader`` recounts the epochs from ``len(train_loader)``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import random
 import subprocess
@@ -290,10 +295,33 @@ class _ResumeSampler:
         return getattr(self.sampler, name)
 
 
+def _epochs_from_loader(result: tuple, logger: Any) -> tuple:
+    """Count epochs from the batches the train loader really yields, so training ends at ``total_iter``.
+
+    Stock BasicSR counts ``ceil(images * enlarge / (batch * world))`` iterations per epoch, but its loader drops
+    the last partial batch of every process (``drop_last=True``), so with a data set that is not a multiple of
+    ``batch * world`` it plans too few epochs and the loop ends early (20 pairs, batch 3: iteration 96 of 100;
+    two processes: 70 of 100). ``len(train_loader)`` is the number of batches one process gets per epoch.
+    """
+    train_loader, sampler, val_loaders, _, total_iters = result
+    if train_loader is None:
+        return result
+    per_epoch = len(train_loader)
+    if per_epoch == 0:
+        raise ValueError(
+            f"glare-nat: the train loader yields no batch: datasets.train.batch_size_per_gpu "
+            f"({train_loader.batch_size}) exceeds the {len(train_loader.sampler)} samples one process gets per epoch"
+        )
+    total_epochs = math.ceil(total_iters / per_epoch)
+    logger.info(f"glare-nat: {per_epoch} iterations per epoch (last partial batch dropped), {total_epochs} epochs.")
+    return (train_loader, sampler, val_loaders, total_epochs, total_iters)
+
+
 def _wrap_create_train_val_dataloader(original):
     def create_train_val_dataloader(opt, logger):
         result = original(opt, logger)
         train_loader = result[0]
+        result = _epochs_from_loader(result, logger)
         state = _RESUME_STATE
         if state is None or train_loader is None or getattr(train_loader, "batch_sampler", None) is None:
             return result
