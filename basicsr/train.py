@@ -22,8 +22,10 @@ def _bootstrap() -> None:
     except ImportError as err:
         sys.exit(f"glare-nat: cannot import the glare-nat packages ({err}). Run `make install`.")
     from glare_nat_arch.compat import normalise_argv, patch_basicsr
+    from glare_nat_models.preflight import preflight
 
     sys.argv = normalise_argv(sys.argv)
+    preflight(sys.argv)  # every missing input path in one message, before any output or folder
     patch_basicsr()
 
 

@@ -1,0 +1,92 @@
+"""Check every input path an option file needs before BasicSR prints the options or creates a folder.
+
+The launchers (``basicsr/train.py``, ``basicsr/test.py``) call :func:`preflight` first. It walks the option tree
+once and collects, with the dotted option key that names each:
+
+* data: every ``datasets.<phase>.dataroot*`` / ``meta_info_file`` that does not exist;
+* checkpoints: every ``path.pretrain_network_*`` and ``path.resume_state`` that is not a file;
+* local weights of the losses and metrics that need them (``VGG16PerceptualLoss``, ``LPIPSLoss``,
+  ``calculate_lpips*``): the file the option, the environment variable or torch's cache would give.
+
+All problems come in one message; nothing is created. Paths are relative to the current directory, as BasicSR
+reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glare_nat_models.pretrained import ALEXNET_FILE, RANDOM, VGG16_FILE, resolve_weights
+
+#: loss / metric ``type`` -> (option key of its weight file, environment variable, torchvision file name, purpose)
+WEIGHTED_PARTS: dict[str, tuple[str, str, str, str]] = {
+    "VGG16PerceptualLoss": ("weights_path", "GLARE_NAT_VGG16", VGG16_FILE, "VGG16 perceptual loss"),
+    "LPIPSLoss": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
+    "calculate_lpips": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
+    "calculate_lpips_gtmean": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
+}
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every entry of a nested option dict."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            yield dotted, value
+            yield from _walk(value, dotted)
+
+
+def missing_inputs(opt: Mapping, auto_resume: bool = False) -> list[str]:
+    """Every input path of ``opt`` that does not exist, as ``'<option key>: <problem>'`` lines (empty: all there)."""
+    problems: list[str] = []
+    for key, value in _walk(opt.get("datasets") or {}, "datasets"):
+        leaf = key.rsplit(".", 1)[-1]
+        if (leaf.startswith("dataroot") or leaf == "meta_info_file") and isinstance(value, str):
+            if not os.path.exists(value):
+                problems.append(f"{key}: {value} does not exist")
+    for key, value in (opt.get("path") or {}).items():
+        wanted = key.startswith("pretrain_network_") or (key == "resume_state" and not auto_resume)
+        if wanted and isinstance(value, str) and not os.path.isfile(value):
+            problems.append(f"path.{key}: {value} is not a file")
+    for key, value in _walk({k: opt.get(k) for k in ("train", "val")}):
+        if not isinstance(value, Mapping) or value.get("type") not in WEIGHTED_PARTS:
+            continue
+        option, env_var, filename, purpose = WEIGHTED_PARTS[value["type"]]
+        if str(value.get(option)).lower() == RANDOM:  # random weights asked for explicitly: nothing to find
+            continue
+        try:
+            resolve_weights(value.get(option), env_var, filename, purpose)
+        except FileNotFoundError:
+            where = value.get(option) or f"${env_var} or {Path('$TORCH_HOME/hub/checkpoints') / filename}"
+            problems.append(f"{key}.{option}: {where} not found (local {purpose} weights; nothing is downloaded)")
+    return problems
+
+
+def preflight(argv: list[str]) -> None:
+    """Exit with one message listing every missing input of the option file named by ``-opt`` in ``argv``.
+
+    Does nothing when ``argv`` names no readable option file (BasicSR then reports that itself).
+    """
+    opt_file = None
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "-opt":
+            opt_file = value
+    if opt_file is None or not os.path.isfile(opt_file):
+        return
+    with open(opt_file, encoding="utf-8") as f:
+        opt = yaml.safe_load(f) or {}
+    problems = missing_inputs(opt, auto_resume="--auto_resume" in argv)
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        sys.stderr.write(
+            f"glare-nat: {opt_file} needs {len(problems)} input path(s) that are missing:\n{lines}\n"
+            "Nothing was started or created. Fix the paths in the option file (relative paths are read from the "
+            "current directory) or put the files there; README.md says where data and weights go.\n"
+        )
+        raise SystemExit(2)
