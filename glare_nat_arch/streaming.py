@@ -1,5 +1,9 @@
 """Row-streamed inference of large resolution levels: the same math in a fraction of the memory.
 
+What is guaranteed: the same computation up to float rounding (a strip may run another convolution kernel than
+the whole map), hence outputs within float tolerance of the plain path and, wherever a latent is not within that
+tolerance of a tie, the same codes.
+
 At inference the full-resolution levels of GLARE's encoder and decoders hold most of the memory: a level's
 256-channel upsampled input, its GroupNorm output and its convolution outputs are whole maps (117-234 MiB each at
 600x400), and oneDNN adds scratch of about the same size to every large convolution. This module runs such a level

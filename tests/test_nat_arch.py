@@ -30,6 +30,7 @@ from glare_nat_arch.nat_uncertainty import (
 )
 from glare_nat_arch.quantize import VectorQuantizer, chunked_code_distances, squared_code_distances
 from glare_nat_arch.transformer import TransformerBlock, TransformerStack, sincos_pos_embed_2d
+from tests.tolerance import assert_close_for, float_atol
 
 K = 32  # tiny codebook
 COND = 4
@@ -78,7 +79,8 @@ def test_sincos_pos_embed_2d_layout():
     assert torch.allclose(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
     # first half depends on the row only, second half on the column only
     grid = pe.reshape(3, 5, 8)
-    assert torch.equal(grid[:, 0, :4], grid[:, 4, :4]) and torch.equal(grid[0, :, 4:], grid[2, :, 4:])
+    assert_close_for(grid[:, 0, :4], grid[:, 4, :4], reduction=1)  # sin/cos may run vectorised or not per element
+    assert_close_for(grid[0, :, 4:], grid[2, :, 4:], reduction=1)
     assert torch.allclose(grid[2, 0, 0], torch.tensor(math.sin(2.0)))
     assert len({tuple(r.tolist()) for r in pe}) == 15
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -119,8 +121,10 @@ def test_knn_codes_match_brute_force_and_are_chunk_invariant():
     assert torch.allclose(dist.reshape(-1, 8), full.topk(8, largest=False).values, atol=1e-5)
     assert torch.equal(idx[..., 0], codes)
     assert (dist.diff(dim=-1) >= 0).all()
-    d2, i2, c2 = knn_codes(x_hat, codebook, 8, chunk=4096)
-    assert torch.equal(c2, codes) and torch.equal(i2, idx) and torch.equal(d2, dist)
+    d2, i2, c2 = knn_codes(x_hat, codebook, 8, chunk=4096)  # another chunk size: maybe another BLAS kernel
+    assert torch.equal(c2, codes) and torch.equal(i2, idx)
+    scale = float((x_hat**2).sum(1).max() + (codebook**2).sum(1).max())
+    assert_close_for(d2, dist, reduction=3 + 2, scale=scale)
 
 
 def test_knn_codes_break_ties_and_nan_like_the_quantisers_argmin():
@@ -144,12 +148,19 @@ def test_knn_codes_break_ties_and_nan_like_the_quantisers_argmin():
             assert (ref == 50).sum() >= 3  # NaN distances to the inf code win argmin: topk alone would disagree
 
 
-def test_chunked_code_distances_equal_the_one_shot_formula_bit_for_bit():
+def test_chunked_code_distances_match_the_one_shot_formula_and_pick_the_same_codes():
+    """What chunking guarantees: distances within float32 rounding of the one-shot formula (BLAS may pick another
+    kernel for 5 rows than for 23, e.g. MKL on AVX-512 CPUs, so the last bit can differ), and the same nearest
+    code wherever the runner-up is farther away than that rounding."""
     g = torch.Generator().manual_seed(6)
     rows, cb = torch.randn(23, 3, generator=g) * 50, torch.randn(64, 3, generator=g) * 50
     ref = squared_code_distances(rows, cb, (cb**2).sum(1))
     got = torch.cat([d.clone() for _, d in chunked_code_distances(rows, cb, 5)])  # buffers reused: copy each
-    assert torch.equal(got, ref)
+    scale = float((rows**2).sum(1).max() + (cb**2).sum(1).max())  # |z|^2 + |e|^2 - 2 z.e cancels: terms' size
+    assert_close_for(got, ref, reduction=3 + 2, scale=scale)
+    two = ref.topk(2, dim=1, largest=False).values
+    assert ((two[:, 1] - two[:, 0]) > 2 * float_atol(torch.float32, 5, scale)).all()  # no near-ties here
+    assert torch.equal(got.argmin(1), ref.argmin(1))
 
 
 def test_knn_codes_pick_the_quantisers_code_even_under_autocast():
