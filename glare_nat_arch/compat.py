@@ -47,6 +47,9 @@ Shims (see ``design/basicsr.md`` §4 and the README section "Compatibility shims
     world))`` iterations each, but its loader drops every process's last partial batch, so it stops early
     whenever the data set is not a multiple of ``batch * world``. The wrapped
     ``create_train_val_dataloader`` recounts the epochs from ``len(train_loader)``.
+14. ``datasets.train.total_batch_size``: the recipe's batch per optimiser step, whatever the number of processes;
+    it is split into BasicSR's ``batch_size_per_gpu`` (world size under a distributed launch, GPU count under
+    DataParallel), refusing a split that does not divide it. Plain ``batch_size_per_gpu`` keeps its stock meaning.
 """
 
 from __future__ import annotations
@@ -295,6 +298,40 @@ class _ResumeSampler:
         return getattr(self.sampler, name)
 
 
+def batch_divisor(opt: dict) -> int:
+    """Into how many per-process (or per-GPU) batches BasicSR splits one step: the world size under a distributed
+    launch, else the DataParallel GPU count (BasicSR's loader multiplies ``batch_size_per_gpu`` by it)."""
+    if opt.get("dist"):
+        return int(opt.get("world_size", 1))
+    return max(1, int(opt.get("num_gpu") or 0))
+
+
+def resolve_total_batch(opt: dict) -> str | None:
+    """Turn ``datasets.train.total_batch_size`` (the recipe's batch per optimiser step) into BasicSR's
+    ``batch_size_per_gpu`` for this launch; the one-line summary to log, or None when the option is not used.
+
+    Raises ValueError naming the key when both batch keys are given or the divisor does not divide the total.
+    """
+    train = (opt.get("datasets") or {}).get("train")
+    if not train or train.get("total_batch_size") is None:
+        return None
+    total, parts = int(train["total_batch_size"]), batch_divisor(opt)
+    if train.get("batch_size_per_gpu") is not None:
+        raise ValueError(
+            "glare-nat: datasets.train gives both total_batch_size and batch_size_per_gpu; keep one "
+            "(total_batch_size: the batch per optimiser step, split over the processes)"
+        )
+    if total % parts:
+        raise ValueError(
+            f"glare-nat: datasets.train.total_batch_size {total} cannot be split over {parts} processes/GPUs; "
+            f"launch a number of processes that divides it (or change the total)"
+        )
+    train["batch_size_per_gpu"] = total // parts
+    lr = {k: v.get("lr") for k, v in (opt.get("train") or {}).items() if k.startswith("optim_") and isinstance(v, dict)}
+    lrs = ", ".join(f"{k} lr {v:g}" for k, v in lr.items() if v is not None)
+    return f"total batch {total} = {parts} x {total // parts} per process/GPU; {lrs or 'no optimiser'}"
+
+
 def _epochs_from_loader(result: tuple, logger: Any) -> tuple:
     """Count epochs from the batches the train loader really yields, so training ends at ``total_iter``.
 
@@ -319,6 +356,9 @@ def _epochs_from_loader(result: tuple, logger: Any) -> tuple:
 
 def _wrap_create_train_val_dataloader(original):
     def create_train_val_dataloader(opt, logger):
+        summary = resolve_total_batch(opt)
+        if summary:
+            logger.info(f"glare-nat: {summary}")
         result = original(opt, logger)
         train_loader = result[0]
         result = _epochs_from_loader(result, logger)

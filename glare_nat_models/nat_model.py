@@ -133,7 +133,7 @@ NAT_KNOB_LOCATIONS: dict[str, str] = {
     "nat2.train.warmup": "train.warmup_iter",
     "nat2.train.steps": "train.total_iter",
     "nat2.train.ema": "train.ema_decay",
-    "nat2.train.batch": "datasets.train.batch_size_per_gpu",
+    "nat2.train.batch": "datasets.train.total_batch_size",
     **_network_knobs("nat3", NAT3_DEFAULTS),
     "nat3.mask.train_random_r_max": "train.nat3.train_random_r_max",
     "nat3.lambda_mfm": "train.nat3.lambda_mfm",

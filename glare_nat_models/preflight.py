@@ -43,13 +43,17 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def missing_inputs(opt: Mapping, auto_resume: bool = False) -> list[str]:
-    """Every input path of ``opt`` that does not exist, as ``'<option key>: <problem>'`` lines (empty: all there)."""
+    """Every input path of ``opt`` that does not exist (and a batch given twice), as ``'<option key>: <problem>'``
+    lines; empty when everything is there."""
     problems: list[str] = []
     for key, value in _walk(opt.get("datasets") or {}, "datasets"):
         leaf = key.rsplit(".", 1)[-1]
         if (leaf.startswith("dataroot") or leaf == "meta_info_file") and isinstance(value, str):
             if not os.path.exists(value):
                 problems.append(f"{key}: {value} does not exist")
+    train = (opt.get("datasets") or {}).get("train") or {}
+    if train.get("total_batch_size") is not None and train.get("batch_size_per_gpu") is not None:
+        problems.append("datasets.train: both total_batch_size and batch_size_per_gpu are given; keep one")
     for key, value in (opt.get("path") or {}).items():
         wanted = key.startswith("pretrain_network_") or (key == "resume_state" and not auto_resume)
         if wanted and isinstance(value, str) and not os.path.isfile(value):
@@ -85,7 +89,7 @@ def preflight(argv: list[str]) -> None:
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
         sys.stderr.write(
-            f"glare-nat: {opt_file} needs {len(problems)} input path(s) that are missing:\n{lines}\n"
+            f"glare-nat: {opt_file} has {len(problems)} problem(s) (missing inputs or conflicting options):\n{lines}\n"
             "Nothing was started or created. Fix the paths in the option file (relative paths are read from the "
             "current directory) or put the files there; README.md says where data and weights go.\n"
         )

@@ -1,4 +1,5 @@
-"""Training ends at ``total_iter`` whatever the data set size, batch and number of processes.
+"""Training ends at ``total_iter`` whatever the data set size, batch and number of processes; the total batch of a
+recipe (``datasets.train.total_batch_size``) is split over the processes.
 
 Stock BasicSR plans ``ceil(20 / 3) = 7`` iterations per epoch for 20 pairs at batch 3, but its loader drops the
 last partial batch (6 batches per epoch), so with ``total_iter: 100`` it ran 16 epochs x 6 = 96 iterations; with
@@ -20,7 +21,7 @@ TOTAL_ITER = 100
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process and two processes (torchrun, gloo), 20 training pairs, batch 3 per process, 100 iterations."""
+    """One process and two processes (torchrun, gloo), 20 training pairs, total batch 3 x processes, 100 iterations."""
     tmp = tmp_path_factory.mktemp("total_iter")
     demo = make_demo(tmp / "demo", n_train=22, size="16x16")  # 20 training pairs, 2 held out
     tag = uuid.uuid4().hex[:8]
@@ -28,7 +29,8 @@ def runs(tmp_path_factory):
     procs = {}
     for nproc, name in names.items():
         opt = demo_options(demo, name, holdout=2)
-        opt["datasets"]["train"].update(batch_size_per_gpu=3, gt_size=16)
+        opt["datasets"]["train"].pop("batch_size_per_gpu")
+        opt["datasets"]["train"].update(total_batch_size=3 * nproc, gt_size=16)  # 3 per process
         opt["network_g"].update(num_feat=4, num_grow_ch=4)
         opt["train"]["total_iter"] = TOTAL_ITER
         opt["val"]["val_freq"] = 10**6
@@ -54,3 +56,31 @@ def test_training_ends_at_total_iter(runs, nproc):
     assert (root / "training_states" / f"{TOTAL_ITER}.state").is_file()
     per_epoch = 6 if nproc == 1 else 3  # floor(20 / 3), floor(10 / 3): the batches the loader yields
     assert f"{per_epoch} iterations per epoch" in log
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_total_batch_is_split_over_the_processes(runs, nproc):
+    name, out = runs[nproc]
+    log = next(experiment(name).glob("train_*.log")).read_text()
+    assert f"total batch {3 * nproc} = {nproc} x 3 per process/GPU; optim_g lr 0.001" in log
+
+
+def test_total_batch_errors_name_the_key():
+    from glare_nat_arch.compat import resolve_total_batch
+
+    def opt(world: int, **train) -> dict:
+        return {"dist": world > 1, "world_size": world, "num_gpu": 0, "datasets": {"train": train}, "train": {}}
+
+    assert resolve_total_batch(opt(1, batch_size_per_gpu=4)) is None  # stock key: stock meaning
+    ok = opt(2, total_batch_size=4)
+    assert (
+        resolve_total_batch(ok).startswith("total batch 4 = 2 x 2")
+        and ok["datasets"]["train"]["batch_size_per_gpu"] == 2
+    )
+    with pytest.raises(ValueError, match="total_batch_size 4 cannot be split over 3"):
+        resolve_total_batch(opt(3, total_batch_size=4))
+    with pytest.raises(ValueError, match="both total_batch_size and batch_size_per_gpu"):
+        resolve_total_batch(opt(1, total_batch_size=4, batch_size_per_gpu=4))
+    dp = {"dist": False, "world_size": 1, "num_gpu": 2, "datasets": {"train": {"total_batch_size": 4}}, "train": {}}
+    resolve_total_batch(dp)  # DataParallel: BasicSR's loader multiplies the per-GPU batch by the GPU count
+    assert dp["datasets"]["train"]["batch_size_per_gpu"] == 2
