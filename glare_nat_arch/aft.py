@@ -18,6 +18,7 @@ Index mapping for three levels: ``mix.0``/``warp.0`` at H/2 (``s1``, ``n1``); ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -107,6 +108,18 @@ class WarpBlock(nn.Module):
         return self.dcn(n, self.offset_feature(n, h))
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region without autocast on ``device`` (a no-op context where autocast is off or not defined, e.g. meta)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a half-precision tensor (autocast output), else unchanged (float32 / float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _resolve(feats: list, i: int, release: bool) -> Tensor:
     """``feats[i]``, computed if it is a deferred feature (a callable); with ``release`` the entry is set to None so
     that the caller's list no longer keeps it."""
@@ -138,10 +151,12 @@ class MultiScaleDecoder(Decoder):
 
     Args: backbone arguments as :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
     level, coarse to fine (official -1.0, -0.6); ``per_sample_rescale``: if True the rescale ratio
-    mean(h)/mean(u) is taken per sample (over C, H, W) instead of over the whole batch tensor (False = official,
-    which couples the samples of a batch); ``deformable_groups`` of the DCNs; ``dcn_impl`` (``auto`` | ``im2col`` |
-    ``tapwise``) and ``dcn_im2col_budget_mb`` select the DCN kernel (:mod:`glare_nat_arch.deform`: ``auto`` keeps
-    BasicSR's kernel for training and switches to the memory-lean tap-wise sum at inference on large inputs).
+    mean(h)/mean(u) is taken per sample (over C, H, W; the default: what the official training computed with one
+    sample per GPU) instead of over the whole batch tensor (False: the official code on one replica, which couples
+    the samples of a batch; the golden tensors' B=2 run); ``deformable_groups`` of the DCNs; ``dcn_impl``
+    (``auto`` | ``im2col`` | ``tapwise``) and ``dcn_im2col_budget_mb`` select the DCN kernel
+    (:mod:`glare_nat_arch.deform`: ``auto`` keeps BasicSR's kernel for training and switches to the memory-lean
+    tap-wise sum at inference on large inputs).
 
     Unused parameters: the official checkpoint also stores ``conv_out`` (the backbone's RGB head), ``scale.{0,1}``,
     ``bias.{0,1}`` and ``enc.{0,1}``, which its forward never calls (5.33M params at official size; ``scale``/
@@ -164,7 +179,7 @@ class MultiScaleDecoder(Decoder):
         z_channels: int = 3,
         dropout: float = 0.0,
         mix_init: Sequence[float] = (-1.0, -0.6),
-        per_sample_rescale: bool = False,
+        per_sample_rescale: bool = True,
         deformable_groups: int = 4,
         dcn_impl: str = "auto",
         dcn_im2col_budget_mb: float = 256.0,
@@ -220,15 +235,22 @@ class MultiScaleDecoder(Decoder):
         inplace = intermediates is None
 
         def fuse(i_level: int, h: Tensor) -> Tensor:
+            # Official: the fusion runs in float32 under autocast (D_MF and NL features, DCN offsets and mask cast
+            # to float32), so the mean ratio cannot overflow in fp16; the next level's layers autocast again.
+            with _autocast_off(h.device):
+                return fuse_float32(i_level, _at_least_float32(h))
+
+        def fuse_float32(i_level: int, h: Tensor) -> Tensor:
             j = n_fused - 1 - i_level  # module / NL-feature index (coarse to fine)
-            h_mix = self.mix[j](_resolve(skips, i_level, release_inputs), h, inplace=inplace)
+            skip = _at_least_float32(_resolve(skips, i_level, release_inputs))
+            h_mix = self.mix[j](skip, h, inplace=inplace)
             warp = self.warp[j]
-            n = _resolve(nl_feats, j, release_inputs)
+            n = _at_least_float32(_resolve(nl_feats, j, release_inputs))
             if self._streams_fusion(h_mix, warp):
                 u = warp.forward_streamed(n, h_mix, self.row_streaming.rows)
             else:
                 u = warp(n, h_mix)
-            del n
+            del n, skip
             ratio = self._ratio(h_mix, u)
             if inplace and can_write_inplace(u, h_mix, ratio):
                 return u.mul_(ratio).add_(h_mix)  # = h_mix + u * ratio, in u's memory

@@ -203,11 +203,12 @@ class GLAREFlowNet(nn.Module):
 class GLARENet(GLAREFlowNet):
     """GLARE Stage III (official ``VQLLFLOWDeformable``): Stage II plus the AFT decoder ``deformable_decoder``.
 
-    Extra args: ``mix_init`` (official (-1.0, -0.6)), ``per_sample_rescale`` (False = official batch-global
-    rescale, see :class:`~glare_nat_arch.aft.MultiScaleDecoder`), ``out_ch``, ``dcn_impl`` /
-    ``dcn_im2col_budget_mb`` (deformable-conv kernel, :mod:`glare_nat_arch.deform`; the default ``auto`` changes
-    memory, not results). ``D_MF`` uses the encoder's ``ch``/``ch_mult``/``num_res_blocks``/``attn_resolutions``
-    (as the official code).
+    Extra args: ``mix_init`` (official (-1.0, -0.6)), ``per_sample_rescale`` (True: each sample's own mean ratio,
+    as the official training computed it with one sample per GPU, and as its inference does for one image; False:
+    one batch-global ratio, the official code on a single replica; :class:`~glare_nat_arch.aft.MultiScaleDecoder`),
+    ``out_ch``, ``dcn_impl`` / ``dcn_im2col_budget_mb`` (deformable-conv kernel, :mod:`glare_nat_arch.deform`; the
+    default ``auto`` changes memory, not results). ``D_MF`` uses the encoder's ``ch`` / ``ch_mult`` /
+    ``num_res_blocks`` / ``attn_resolutions`` (as the official code).
 
     :meth:`load_official` accepts a full ``net_G.pth`` (824 tensors; its unused ``flowUpsamplerNet.f.0.*`` and
     ``deformable_decoder.{conv_out,scale,bias,enc}.*`` exist here as never-used parameters so that loading is
@@ -219,7 +220,7 @@ class GLARENet(GLAREFlowNet):
         *args,
         out_ch: int = 3,
         mix_init: Sequence[float] = (-1.0, -0.6),
-        per_sample_rescale: bool = False,
+        per_sample_rescale: bool = True,
         dcn_impl: str = "auto",
         dcn_im2col_budget_mb: float = 256.0,
         **kwargs,

@@ -68,7 +68,7 @@ def stage2(golden) -> GLAREFlowNet:
 
 @pytest.fixture(scope="module")
 def stage3(golden) -> GLARENet:
-    net = GLARENet(**net_kwargs(golden))
+    net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
     net.load_official({k: v.clone() for k, v in golden["full_state_dict"].items()})
     return net.eval()
 
@@ -275,7 +275,7 @@ def test_unused_official_parameters_exist_frozen_and_unused(golden, stage3, vqga
 
 
 def test_gradients_reach_only_the_trainable_aft_parameters(golden):
-    net = GLARENet(**net_kwargs(golden))
+    net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
     net.load_official(golden["full_state_dict"])
     vq = GLAREVQGAN.from_official(golden["vqgan_state_dict"], **vqgan_kwargs(golden)).requires_grad_(False)
     net.RRDB.requires_grad_(False)
@@ -289,7 +289,7 @@ def test_gradients_reach_only_the_trainable_aft_parameters(golden):
 
 
 def test_load_official_errors_and_stage2_only(golden):
-    net = GLARENet(**net_kwargs(golden))
+    net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
     full = dict(golden["full_state_dict"])
     del full["deformable_decoder.mix.0.w"]
     with pytest.raises(StateDictMismatchError, match=r"missing \(1\).*mix\.0\.w"):
@@ -371,3 +371,29 @@ def test_count_macs_counts_attention_and_deformable_conv(backend):
     feats = (torch.rand(1, c, h, w), torch.rand(1, c, h, w))
     expected = n * 9 * (2 * c * c + c * 108 + c * c)  # offset conv + DCN conv_offset + deformable conv itself
     assert count(warp, feats) == expected
+
+
+def test_fusion_runs_in_float32_under_autocast_and_survives_a_ratio_fp16_cannot_hold(golden, stage3, vqgan):
+    """As the official model, the adaptive mix-up, the deformable warp (offsets, mask) and the mean-ratio rescale
+    compute in float32 under fp16 autocast. With the warp's output at 1e-8 (below fp16's smallest subnormal,
+    6e-8) an fp16 fusion gets ``u.mean() = 0`` and an infinite ratio; in float32 the output stays finite."""
+    net, vq = copy.deepcopy(stage3).float(), copy.deepcopy(vqgan).float()
+    dmf = net.deformable_decoder
+    with torch.no_grad():
+        for warp in dmf.warp:
+            warp.dcn.weight.zero_()
+            warp.dcn.bias.fill_(1e-8)
+    seen = []
+
+    def record(module, args, out):
+        seen.append((type(module).__name__, [a.dtype for a in args if torch.is_tensor(a)], out.dtype))
+
+    hooks = [m.register_forward_hook(record) for m in (*dmf.warp, *dmf.mix)]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            out = net(golden["input"].float(), vq)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 4 and all(d == [torch.float32] * 2 and o == torch.float32 for _, d, o in seen), seen
+    assert torch.isfinite(out).all()

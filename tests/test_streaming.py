@@ -270,7 +270,7 @@ def test_golden_stage3_streamed(golden, stage3_golden):
 def stage3_golden(golden):
     from glare_nat_arch.vqgan_arch import GLAREVQGAN
 
-    net = GLARENet(**net_kwargs(golden))
+    net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
     net.load_official({k: v.clone() for k, v in golden["full_state_dict"].items()})
     vq = GLAREVQGAN.from_official(golden["vqgan_state_dict"], **vqgan_kwargs(golden))
     return net.eval(), vq.eval()
