@@ -106,8 +106,8 @@ class GLAREFlowModel(GLAREBaseModel):
         self.set_train_mode()
         self.log_dict = OrderedDict()
         self.optimizer_g.zero_grad(set_to_none=True)
-        with torch.no_grad(), self.autocast():
-            gt_latent = self.net_vq.encode(self.gt).float()
+        with torch.no_grad():  # the NLL target in float32 outside autocast, as the official LLFlow_model
+            gt_latent = self.net_vq.encode(self.gt.float())
         mu_from_gt = random.random() < self.train_gt_ratio
         with self.autocast():
             out = self.net_g(gt_latent, self.lq, mu_from_gt=mu_from_gt)

@@ -455,3 +455,24 @@ def test_fixed_seed_training_is_bit_for_bit_repeatable_on_cpu(name, tmp_path, ck
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     torch.use_deterministic_algorithms(False)
+
+
+def test_stage2_flow_target_is_float32_outside_autocast(tmp_path, ckpts):
+    """The NLL target ``quant_conv(E(gt))`` is computed in float32 with autocast off even when training runs under
+    autocast (bf16 here, on the CPU), as the official training computes it; only the flow pass autocasts."""
+    opt = make_opt("tiny_stage2_flow.yml", tmp_path, ckpts)
+    opt["train"]["amp"] = "bf16"
+    model = build_model(opt)
+    seen = []
+    encode = model.net_vq.encode
+
+    def spy(x):
+        out = encode(x)
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype, out.dtype))
+        return out
+
+    model.net_vq.encode = spy
+    model.feed_data(batch(1))
+    model.optimize_parameters(1)
+    assert seen == [(False, torch.float32, torch.float32)]
+    assert np.isfinite(model.get_current_log()["l_nll"])
