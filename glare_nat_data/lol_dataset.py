@@ -43,7 +43,7 @@ from glare_nat_data.transforms import (
     img_to_tensor,
     paired_random_crop,
     random_flips,
-    random_resize_short_side,
+    random_resize_pair_8bit_lq,
 )
 
 __all__ = ["LOLPairedDataset"]
@@ -84,8 +84,8 @@ class LOLPairedDataset(data.Dataset):
     ``io_backend`` (``disk`` only).
 
     Pairing is checked when the dataset is built (file names only); decoding and size errors are raised when
-    an item is loaded, naming the file(s). After a random resize the LQ is clipped to [0, 1] (the official code
-    resizes it as uint8) and the GT is not (as in the official code).
+    an item is loaded, naming the file(s). The random resize works as the official loader: the LQ is resized as
+    8-bit (it stays on the k/255 grid), the GT in float, not clipped.
     """
 
     def __init__(self, opt: dict) -> None:
@@ -110,8 +110,7 @@ class LOLPairedDataset(data.Dataset):
 
     def _augment(self, lq: np.ndarray, gt: np.ndarray, lq_path: object) -> tuple[np.ndarray, np.ndarray]:
         if self.resize_range is not None:
-            lq, gt = random_resize_short_side([lq, gt], *self.resize_range)
-            lq = np.clip(lq, 0.0, 1.0)
+            lq, gt = random_resize_pair_8bit_lq(lq, gt, *self.resize_range)
         if self.gt_size is not None:
             check_crop_fits(lq, self.gt_size, lq_path)
             lq, gt = paired_random_crop([lq, gt], self.gt_size)

@@ -28,6 +28,7 @@ __all__ = [
     "paired_random_crop",
     "random_flips",
     "random_resize_short_side",
+    "random_resize_pair_8bit_lq",
     "resize_short_side",
 ]
 
@@ -85,6 +86,23 @@ def random_resize_short_side(
     """GLARE's random resize: short side drawn by :func:`draw_short_side`, then bicubic resize of all images."""
     short = min(imgs[0].shape[:2])
     return resize_short_side(imgs, draw_short_side(short, lo, hi, rng))
+
+
+def random_resize_pair_8bit_lq(
+    lq: np.ndarray, gt: np.ndarray, lo: int, hi: int | None = None, rng: _Rng | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """GLARE's random resize of a training pair, as the official data loader does it.
+
+    The low-light image is resized as 8-bit (OpenCV's bicubic on uint8 rounds and saturates), so it stays on the
+    ``k / 255`` grid a camera produces: a float resize would give dark pixels values between the 8-bit steps,
+    which the log transform of the encoder input amplifies. The GT is resized in float and not clipped.
+    ``lq``, ``gt``: (H, W, C) float32 in [0, 1] (an 8-bit source round-trips exactly); returns float32 arrays.
+    """
+    target = draw_short_side(min(lq.shape[:2]), lo, hi, rng)
+    lq8 = (np.clip(lq, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    (lq8,) = resize_short_side([lq8], target)
+    (gt,) = resize_short_side([gt], target)
+    return lq8.astype(np.float32) / 255.0, gt
 
 
 def paired_random_crop(imgs: Sequence[np.ndarray], size: int, rng: _Rng | None = None) -> list[np.ndarray]:

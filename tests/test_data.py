@@ -19,6 +19,7 @@ from glare_nat_data.transforms import (
     draw_short_side,
     paired_random_crop,
     random_flips,
+    random_resize_pair_8bit_lq,
     random_resize_short_side,
     resize_short_side,
 )
@@ -419,6 +420,25 @@ def test_resize_then_crop_in_dataset(tmp_path):
     ds = LOLPairedDataset({"dataroot": str(tmp_path), "phase": "train", "gt_size": 8, "resize_short_side": [9, 10]})
     random.seed(0)
     assert ds[0]["gt"].shape == (3, 8, 8)
+
+
+def test_resized_low_light_stays_on_the_8bit_grid(tmp_path):
+    """As the official loader, the random resize treats the LQ as 8-bit (OpenCV's uint8 bicubic), so every LQ value
+    after augmentation is k/255; the GT is resized in float (between the steps)."""
+    _make_tree(tmp_path, "folders", h=12, w=16)
+    ds = LOLPairedDataset({"dataroot": str(tmp_path), "phase": "train", "gt_size": 8, "resize_short_side": [9, 11]})
+    for seed in range(6):
+        random.seed(seed)
+        item = ds[seed % 3]
+        lq = item["lq"]
+        assert lq.dtype == torch.float32
+        assert torch.equal((lq * 255).round() / 255, lq), "LQ off the k/255 grid"  # k/255 in float32, as stored
+    lq = (np.arange(12 * 16 * 3, dtype=np.float32).reshape(12, 16, 3) % 7) / 255.0
+    gt = np.linspace(0, 1, 12 * 16 * 3, dtype=np.float32).reshape(12, 16, 3)
+    lq_r, gt_r = random_resize_pair_8bit_lq(lq, gt, 10, 10)
+    ref = cv2.resize((lq * 255 + 0.5).astype(np.uint8), (13, 10), interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_array_equal(lq_r, ref.astype(np.float32) / 255.0)  # the same uint8 kernel, same inputs
+    assert gt_r.dtype == np.float32 and not np.array_equal(gt_r * 255, np.round(gt_r * 255))
 
 
 def test_validation_phase_gives_full_images(tmp_path):
