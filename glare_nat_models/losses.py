@@ -16,13 +16,14 @@ import os
 
 import torch
 import torch.nn.functional as F
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
 
 from glare_nat_models.pretrained import (
     ALEXNET_FILE,
     VGG16_FILE,
-    build_lpips_alex,
+    build_lpips,
     build_vgg16_features,
     resolve_weights,
 )
@@ -203,20 +204,45 @@ class VGG16PerceptualLoss(_FrozenFeatureLoss):
 
 @LOSS_REGISTRY.register()
 class LPIPSLoss(_FrozenFeatureLoss):
-    """AlexNet LPIPS v0.1 as a loss: ``loss_weight * mean_n LPIPS(pred_n, target_n)``.
+    """LPIPS v0.1 as a loss: ``loss_weight * mean_n LPIPS(pred_n, target_n)``.
 
     Args:
         loss_weight: multiplier.
+        net: ``'vgg'`` (taming's VQGAN recipe), ``'alex'``, or ``'auto'``: VGG16 when its local weights are found,
+            else AlexNet (the choice is logged).
         alexnet_weights: local torchvision ``alexnet-owt-7be5be79.pth``; ``None`` -> env ``GLARE_NAT_ALEXNET`` ->
             torchvision cache; ``'random'`` for tests/demos only (warns). Built by the same helper as the metric.
-    Input (N,3,H,W) RGB in [0,1] (mapped to [-1,1] internally); output a scalar.
+        vgg16_weights: local torchvision ``vgg16-397923af.pth``; ``None`` -> env ``GLARE_NAT_VGG16`` -> torchvision
+            cache (the file the Stage-III perceptual loss uses).
+    Input (N,3,H,W) RGB in [0,1] (mapped to [-1,1] internally); output a scalar. Nothing is downloaded.
     """
 
-    def __init__(self, loss_weight: float = 1.0, alexnet_weights: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        loss_weight: float = 1.0,
+        net: str = "auto",
+        alexnet_weights: str | os.PathLike | None = None,
+        vgg16_weights: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__()
+        if net not in ("auto", "vgg", "alex"):
+            raise ValueError(f"LPIPSLoss: net is {net!r}; expected 'auto', 'vgg' or 'alex'")
         self.loss_weight = loss_weight
-        path = resolve_weights(alexnet_weights, "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)")
-        self.net = build_lpips_alex(path)
+        trunk, path = net, None
+        if net in ("auto", "vgg"):
+            try:
+                path = resolve_weights(vgg16_weights, "GLARE_NAT_VGG16", VGG16_FILE, "LPIPS (VGG16)")
+                trunk = "vgg"
+            except FileNotFoundError:
+                if net == "vgg":
+                    raise
+                trunk = "alex"
+        if trunk == "alex":
+            path = resolve_weights(alexnet_weights, "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)")
+        if net == "auto":
+            get_root_logger().info(f"LPIPSLoss: {'VGG16' if trunk == 'vgg' else 'AlexNet'} trunk ({path or 'random'})")
+        self.trunk = trunk
+        self.net = build_lpips(trunk, path)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
         _check_pair(pred, target, "LPIPSLoss")

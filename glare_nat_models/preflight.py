@@ -17,20 +17,30 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from glare_nat_models.pretrained import ALEXNET_FILE, RANDOM, VGG16_FILE, resolve_weights
 
-#: loss / metric ``type`` -> (option key of its weight file, environment variable, torchvision file name, purpose)
-WEIGHTED_PARTS: dict[str, tuple[str, str, str, str]] = {
-    "VGG16PerceptualLoss": ("weights_path", "GLARE_NAT_VGG16", VGG16_FILE, "VGG16 perceptual loss"),
-    "LPIPSLoss": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
-    "calculate_lpips": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
-    "calculate_lpips_gtmean": ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "LPIPS (AlexNet)"),
+_VGG16 = ("vgg16_weights", "GLARE_NAT_VGG16", VGG16_FILE, "VGG16")
+_ALEX = ("alexnet_weights", "GLARE_NAT_ALEXNET", ALEXNET_FILE, "AlexNet")
+
+#: loss / metric ``type`` -> the weight files it can use, any one of them (option key, environment variable,
+#: torchvision file name, network); ``LPIPSLoss`` narrows them by its ``net`` option.
+WEIGHTED_PARTS: dict[str, list[tuple[str, str, str, str]]] = {
+    "VGG16PerceptualLoss": [("weights_path", *_VGG16[1:])],
+    "LPIPSLoss": [_VGG16, _ALEX],
+    "calculate_lpips": [_ALEX],
+    "calculate_lpips_gtmean": [_ALEX],
 }
+
+
+def _weight_choices(part: Mapping) -> list[tuple[str, str, str, str]]:
+    choices = WEIGHTED_PARTS[part["type"]]
+    if part["type"] == "LPIPSLoss" and part.get("net", "auto") != "auto":
+        choices = [c for c in choices if c[3].lower().startswith(str(part["net"]).lower()[:3])]
+    return choices
 
 
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -61,14 +71,21 @@ def missing_inputs(opt: Mapping, auto_resume: bool = False) -> list[str]:
     for key, value in _walk({k: opt.get(k) for k in ("train", "val")}):
         if not isinstance(value, Mapping) or value.get("type") not in WEIGHTED_PARTS:
             continue
-        option, env_var, filename, purpose = WEIGHTED_PARTS[value["type"]]
-        if str(value.get(option)).lower() == RANDOM:  # random weights asked for explicitly: nothing to find
-            continue
-        try:
-            resolve_weights(value.get(option), env_var, filename, purpose)
-        except FileNotFoundError:
-            where = value.get(option) or f"${env_var} or {Path('$TORCH_HOME/hub/checkpoints') / filename}"
-            problems.append(f"{key}.{option}: {where} not found (local {purpose} weights; nothing is downloaded)")
+        found, wanted = False, []
+        for option, env_var, filename, net in _weight_choices(value):
+            if str(value.get(option)).lower() == RANDOM:  # random weights asked for explicitly: nothing to find
+                found = True
+                break
+            try:
+                resolve_weights(value.get(option), env_var, filename, net)
+                found = True
+                break
+            except FileNotFoundError:
+                wanted.append(
+                    f"{key}.{option}: {value.get(option) or f'${env_var} or $TORCH_HOME/hub/checkpoints/{filename}'}"
+                )
+        if not found:
+            problems.append(f"{' | '.join(wanted)} not found (local {value['type']} weights; nothing is downloaded)")
     return problems
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "ALEXNET_FILE",
     "VGG16_FILE",
     "RANDOM",
+    "build_lpips",
     "resolve_weights",
     "load_torchvision_state_dict",
     "build_lpips_alex",
@@ -96,22 +97,27 @@ def load_torchvision_state_dict(path: Path, required: list[str], purpose: str) -
 
 
 def build_lpips_alex(weights: Path | None) -> nn.Module:
-    """Build LPIPS v0.1 with the AlexNet trunk from a local torchvision AlexNet file.
+    """LPIPS v0.1 with the AlexNet trunk (:func:`build_lpips`)."""
+    return build_lpips("alex", weights)
 
-    ``lpips.LPIPS(net='alex', pretrained=True, pnet_rand=True)`` gives the package's shipped linear heads
-    with a random trunk; the trunk is then filled from ``weights`` (torchvision key ``features.<i>.*`` ->
-    LPIPS key ``slice<k>.<i>.*``). ``weights=None`` keeps the random trunk. The net is frozen and in eval
-    mode. Call it as ``net(in0, in1)`` with RGB (N,3,H,W) tensors in [-1, 1]; it returns (N,1,1,1).
+
+def build_lpips(trunk: str, weights: Path | None) -> nn.Module:
+    """Build LPIPS v0.1 with the ``trunk`` (``'alex'`` or ``'vgg'``) filled from a local torchvision file.
+
+    ``lpips.LPIPS(net=trunk, pretrained=True, pnet_rand=True)`` gives the package's shipped linear heads
+    with a random trunk; the trunk is then filled from ``weights`` (torchvision AlexNet / VGG16 file, key
+    ``features.<i>.*`` -> LPIPS key ``slice<k>.<i>.*``). ``weights=None`` keeps the random trunk. The net is frozen
+    and in eval mode. Call it as ``net(in0, in1)`` with RGB (N,3,H,W) tensors in [-1, 1]; it returns (N,1,1,1).
     """
     import lpips
 
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated ``pretrained=`` argument
         warnings.simplefilter("ignore", UserWarning)
-        net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+        net = lpips.LPIPS(net=trunk, pretrained=True, pnet_rand=True, verbose=False)
     if weights is not None:
         trunk_keys = list(net.net.state_dict().keys())  # e.g. 'slice2.3.weight'
         source = {k: "features." + k.split(".", 1)[1] for k in trunk_keys}
-        state = load_torchvision_state_dict(weights, list(source.values()), "LPIPS (AlexNet)")
+        state = load_torchvision_state_dict(weights, list(source.values()), f"LPIPS ({trunk})")
         net.net.load_state_dict({k: state[v] for k, v in source.items()}, strict=True)
     net.eval()
     for p in net.parameters():

@@ -6,24 +6,30 @@ This model implements that recipe (taming ``taming/modules/losses/vqperceptual.p
 
     nll     = L1(rec, x) + LPIPS(rec, x)                                   (pixel_opt, perceptual_opt)
     g_loss  = -mean(D(rec))                                                (gan_opt, HingeGANLoss)
-    lambda  = clamp(|grad_W nll| / (|grad_W g_loss| + 1e-4), 0, 1e4)      W = decoder.conv_out.weight (detached)
-    L_G     = nll + codebook_weight * emb_loss + [iter > disc_start] * lambda * disc_weight * g_loss
+    lambda  = clamp(|grad_W nll| / (|grad_W g_loss| + 1e-4), 0, d_weight_max)   W = decoder.conv_out.weight
+    L_G     = nll + codebook_weight * emb_loss + ramp(iter) * lambda * disc_weight * g_loss   (ramp 0 until disc_start)
     L_D     = [iter > disc_start] * 0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(sg(rec)))))
 
 ``disc_weight`` is ``gan_opt.loss_weight`` (taming configs: 0.8); ``emb_loss`` is the quantiser's codebook +
-0.25 commitment loss. The input and the target are the dataset's ``gt`` (normal-light) images, in [0, 1].
-Differences from taming, on purpose: images stay in [0, 1] (taming uses [-1, 1], so its L1 is twice ours: the
-YAMLs set ``pixel_opt.loss_weight: 2.0`` to keep taming's balance; LPIPS maps to [-1, 1] itself); the
-discriminator step reuses the generator's reconstruction of the same batch (BasicSR SRGAN style) instead of a
-second forward pass; before ``disc_start`` the discriminator is not stepped at all (taming multiplies its loss
-by 0, which leaves Adam's state untouched too).
+0.25 commitment loss. The input and the target are the dataset's ``gt`` (normal-light) images, in [0, 1]; the
+discriminator sees them mapped to [-1, 1], as taming's. Differences from taming, on purpose: the reconstruction
+losses see [0, 1] images (taming's L1 on [-1, 1] is twice ours: the YAMLs set ``pixel_opt.loss_weight: 2.0``;
+LPIPS maps to [-1, 1] itself); the discriminator step reuses the generator's reconstruction of the same batch
+(BasicSR SRGAN style) instead of a second forward pass; before ``disc_start`` the discriminator is not stepped at
+all (taming multiplies its loss by 0, which leaves Adam's state untouched too).
 
-Options (``train``): ``pixel_opt``, ``perceptual_opt`` (at least one), ``gan_opt`` (required, ``HingeGANLoss``),
-``codebook_weight`` (1.0), ``disc_start`` (iteration after which the GAN terms are on), ``optim_g``, ``optim_d``,
-``code_restart_every`` (0 = off, the taming recipe; N > 0: every N iterations, codes unused during those N
+Options (``train``): ``pixel_opt``, ``perceptual_opt`` (at least one; ``LPIPSLoss`` with ``net: auto`` uses
+taming's VGG16 trunk when its weights are local), ``gan_opt`` (required, ``HingeGANLoss``), ``codebook_weight``
+(1.0), ``disc_start`` (iteration after which the GAN terms are on), ``disc_warmup`` (0: after ``disc_start`` the
+generator's GAN term ramps linearly from 0 to its full weight over this many iterations), ``d_weight_max`` (1e4,
+taming's cap of the adaptive weight ``lambda``), ``codebook_init`` (``uniform``: taming's U(-1/K, 1/K), every code
+near the origin; ``encoder``: at the first step of a fresh run every code becomes a random encoder latent of the
+batch), ``code_restart_every`` (0 = off, the taming recipe; N > 0: every N iterations, codes unused during those N
 iterations are reset to random encoder latents of the current batch, a common remedy for codebook collapse that
-is *not* part of taming), plus everything of :class:`~glare_nat_models.base_model.GLAREBaseModel`.
-``network_d``: the discriminator; ``path.pretrain_network_d`` / ``param_key_d`` / ``strict_load_d`` as for ``net_g``.
+is *not* part of taming), ``optim_g``, ``optim_d``, plus everything of
+:class:`~glare_nat_models.base_model.GLAREBaseModel`. Validation logs the codebook usage on the validation images
+(codes used, perplexity). ``network_d``: the discriminator; ``path.pretrain_network_d`` / ``param_key_d`` /
+``strict_load_d`` as for ``net_g``.
 """
 
 from __future__ import annotations
@@ -34,12 +40,28 @@ from copy import deepcopy
 import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.losses import adaptive_gan_weight
 
-__all__ = ["VQGANModel"]
+__all__ = ["VQGANModel", "codebook_usage", "to_disc_range"]
+
+
+def codebook_usage(counts: torch.Tensor) -> tuple[int, float]:
+    """``(codes used, perplexity)`` of a code histogram ``counts`` (K,): perplexity ``exp(-sum p log p)``."""
+    total = int(counts.sum())
+    if total == 0:
+        return 0, 0.0
+    p = counts.double() / total
+    p = p[p > 0]
+    return int((counts > 0).sum()), float(torch.exp(-(p * p.log()).sum()))
+
+
+def to_disc_range(img: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> [-1, 1], the value range taming's discriminator sees."""
+    return img * 2 - 1
 
 
 @MODEL_REGISTRY.register()
@@ -82,7 +104,14 @@ class VQGANModel(GLAREBaseModel):
             raise ValueError("train.gan_opt.loss_weight (the taming disc_weight) must be > 0")
         self.codebook_weight = float(train_opt.get("codebook_weight", 1.0))
         self.disc_start = int(train_opt.get("disc_start", 0))
+        self.disc_warmup = int(train_opt.get("disc_warmup", 0) or 0)
+        self.d_weight_max = float(train_opt.get("d_weight_max", 1e4))
         self.code_restart_every = int(train_opt.get("code_restart_every", 0) or 0)
+        self.codebook_init = str(train_opt.get("codebook_init", "uniform"))
+        if self.codebook_init not in ("uniform", "encoder"):
+            raise ValueError(f"train.codebook_init is {self.codebook_init!r}; expected 'uniform' or 'encoder'")
+        fresh = self.opt["path"].get("pretrain_network_g") is None and not self.opt["path"].get("resume_state")
+        self._init_codes_from_encoder = self.codebook_init == "encoder" and fresh
         n_e = self.get_bare_model(self.net_g).quantize.n_e
         self.code_counts = torch.zeros(n_e, dtype=torch.long, device=self.device)
         self.set_train_mode()
@@ -107,6 +136,12 @@ class VQGANModel(GLAREBaseModel):
         gan_on = current_iter > self.disc_start
         net_g = self.get_bare_model(self.net_g)
 
+        initialised = None
+        if self._init_codes_from_encoder:  # first step of a fresh run: every code becomes an encoder latent
+            self._init_codes_from_encoder = False
+            self.code_counts.zero_()
+            initialised = float(self.restart_dead_codes())
+
         # ---- generator
         self.net_d.requires_grad_(False)
         self.optimizer_g.zero_grad(set_to_none=True)
@@ -115,6 +150,8 @@ class VQGANModel(GLAREBaseModel):
         rec = rec.float()
         self.output = rec
         loss_dict = OrderedDict()
+        if initialised is not None:
+            loss_dict["codes_restarted"] = torch.tensor(initialised, device=self.device)
         nll = 0
         if self.cri_pix is not None:
             loss_dict["l_g_pix"] = image_loss(self.cri_pix, rec, self.gt)
@@ -125,11 +162,13 @@ class VQGANModel(GLAREBaseModel):
         loss_dict["l_g_codebook"] = self.codebook_weight * emb_loss.float().mean()
         if gan_on:
             with self.autocast():
-                logits_fake = self.net_d(rec)
+                logits_fake = self.net_d(to_disc_range(rec))
             g_raw = self.cri_gan(logits_fake.float(), True, is_disc=False) / self.disc_weight
-            d_weight = adaptive_gan_weight(nll, g_raw, net_g.get_last_layer())
-            loss_dict["l_g_gan"] = d_weight * self.disc_weight * g_raw
+            d_weight = adaptive_gan_weight(nll, g_raw, net_g.get_last_layer(), max_weight=self.d_weight_max)
+            ramp = self.gan_ramp(current_iter)
+            loss_dict["l_g_gan"] = ramp * d_weight * self.disc_weight * g_raw
             loss_dict["d_weight"] = d_weight
+            loss_dict["gan_ramp"] = torch.tensor(ramp, device=self.device)
         stepped = self.check_finite(loss_dict, current_iter)
         if stepped:
             total = sum(v for k, v in loss_dict.items() if k.startswith("l_g_"))
@@ -144,8 +183,8 @@ class VQGANModel(GLAREBaseModel):
         if gan_on and stepped:
             self.optimizer_d.zero_grad(set_to_none=True)
             with self.autocast():
-                logits_real = self.net_d(self.gt)
-                logits_fake = self.net_d(rec.detach())
+                logits_real = self.net_d(to_disc_range(self.gt))
+                logits_fake = self.net_d(to_disc_range(rec.detach()))
             d_terms = OrderedDict(
                 l_d_real=self.cri_gan(logits_real.float(), True, is_disc=True),
                 l_d_fake=self.cri_gan(logits_fake.float(), False, is_disc=True),
@@ -156,6 +195,15 @@ class VQGANModel(GLAREBaseModel):
             loss_dict["out_d_real"] = logits_real.detach().float().mean()
             loss_dict["out_d_fake"] = logits_fake.detach().float().mean()
         self.finish_step(loss_dict, stepped)
+
+    def gan_ramp(self, current_iter: int) -> float:
+        """Weight of the generator's GAN term: 0 before ``disc_start``, then a linear ramp to 1 over ``disc_warmup``
+        iterations (1 at once without a warm-up), so the adaptive weight never switches a full GAN on at once."""
+        if current_iter <= self.disc_start:
+            return 0.0
+        if self.disc_warmup <= 0:
+            return 1.0
+        return min(1.0, (current_iter - self.disc_start) / self.disc_warmup)
 
     @torch.no_grad()
     def restart_dead_codes(self) -> int:
@@ -181,9 +229,33 @@ class VQGANModel(GLAREBaseModel):
         return int(dead.numel())
 
     def forward_test(self, net, lq: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (B, 3, H, W) of ``lq`` (the normal-light image), clamped to [0, 1]."""
-        rec, _, _ = net(lq)
+        """Reconstruction (B, 3, H, W) of ``lq`` (the normal-light image), clamped to [0, 1]; during validation the
+        codes it used are counted for :meth:`nondist_validation`."""
+        rec, _, indices = net(lq)
+        if getattr(self, "_val_code_counts", None) is not None:
+            self._val_code_counts += torch.bincount(indices.flatten(), minlength=self._val_code_counts.numel())
         return rec.clamp(0, 1)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """Stock image metrics of the reconstruction, then the codebook usage on the validation images: codes used
+        and perplexity ``exp(-sum p log p)`` of the code histogram (K for a uniform use of all K codes, 1 for a
+        collapse onto one code)."""
+        n_e = self.get_bare_model(self.net_g).quantize.n_e
+        self._val_code_counts = torch.zeros(n_e, dtype=torch.long, device=self.device)
+        try:
+            super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+            counts = self._val_code_counts
+        finally:
+            self._val_code_counts = None
+        self.val_code_usage = codebook_usage(counts)
+        used, perplexity = self.val_code_usage
+        name = dataloader.dataset.opt["name"]
+        get_root_logger().info(
+            f"Codebook usage [{name}] iter {current_iter}: {used}/{n_e} codes used, perplexity {perplexity:.2f}"
+        )
+        if tb_logger is not None:
+            tb_logger.add_scalar(f"codebook/{name}/used", used, current_iter)
+            tb_logger.add_scalar(f"codebook/{name}/perplexity", perplexity, current_iter)
 
     def save(self, epoch: int, current_iter: int) -> None:
         if hasattr(self, "net_g_ema"):

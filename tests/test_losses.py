@@ -171,6 +171,8 @@ def test_vgg16_weights_errors(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- LPIPS
 def test_lpips_loss(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLARE_NAT_VGG16", raising=False)  # net 'auto' falls back to AlexNet without VGG16 weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     path = tmp_path / "alex.pth"
     save_random_alexnet(path, seed=0)
     loss_fn = L.LPIPSLoss(loss_weight=2.0, alexnet_weights=str(path))
@@ -190,10 +192,26 @@ def test_lpips_loss(tmp_path, monkeypatch):
     assert loss.item() == pytest.approx(2.0 * np.mean(per_img), rel=1e-5)
     loss.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert loss_fn.trunk == "alex"
     monkeypatch.delenv("GLARE_NAT_ALEXNET", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
         L.LPIPSLoss()
+
+
+def test_lpips_loss_takes_vgg16_where_its_weights_are_local(tmp_path, monkeypatch):
+    """taming's VQGAN recipe uses LPIPS-VGG: 'auto' picks it when torchvision's VGG16 file is found (its trunk is
+    loaded from that file), 'vgg' insists on it, and without the file 'auto' falls back to AlexNet."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    vgg = torchvision.models.vgg16()
+    file = tmp_path / "vgg16.pth"
+    torch.save(vgg.state_dict(), file)
+    loss_fn = L.LPIPSLoss(vgg16_weights=str(file))
+    assert loss_fn.trunk == "vgg"
+    torch.testing.assert_close(getattr(loss_fn.net.net.slice3, "10").weight, vgg.features[10].weight, rtol=0, atol=0)
+    monkeypatch.delenv("GLARE_NAT_VGG16", raising=False)
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        L.LPIPSLoss(net="vgg")
+    assert L.LPIPSLoss(alexnet_weights="random").trunk == "alex"
 
 
 # ---------------------------------------------------------------------------------------------- GAN

@@ -81,7 +81,10 @@ def frozen_and_trainable(model) -> tuple[list[torch.nn.Module], list[torch.nn.Mo
 
 @pytest.mark.parametrize("name", STAGES)
 def test_two_steps_train_only_trainable_parts(name, tmp_path, ckpts):
-    model = build_model(make_opt(name, tmp_path, ckpts))
+    opt = make_opt(name, tmp_path, ckpts)
+    if name == "tiny_stage2_flow.yml":  # the colour-map prior branch in both steps, so every head gets a gradient
+        opt["train"]["train_gt_ratio"] = 0.0
+    model = build_model(opt)
     frozen, trainable = frozen_and_trainable(model)
     before_frozen = [snapshot(m) for m in frozen]
     before_train = [snapshot(m) for m in trainable]
@@ -476,3 +479,37 @@ def test_stage2_flow_target_is_float32_outside_autocast(tmp_path, ckpts):
     model.optimize_parameters(1)
     assert seen == [(False, torch.float32, torch.float32)]
     assert np.isfinite(model.get_current_log()["l_nll"])
+
+
+def test_stage1_gan_range_ramp_codebook_init_and_usage(tmp_path, ckpts):
+    """Stage I: the discriminator sees [-1, 1] images (taming's range); the generator's GAN term ramps in over
+    ``disc_warmup`` with the adaptive weight capped at ``d_weight_max``; ``codebook_init: encoder`` puts every code
+    on an encoder latent of the first batch; validation reports codes used and perplexity."""
+    from glare_nat_models.vqgan_model import codebook_usage
+
+    opt = make_opt("tiny_stage1_vqgan.yml", tmp_path, ckpts)
+    opt["train"].update(disc_start=1, disc_warmup=4, d_weight_max=0.5, codebook_init="encoder")
+    opt["train"]["optim_g"]["lr"] = 0.0  # the generator keeps its weights: codes stay where the init put them
+    model = build_model(opt)
+    net_g = model.get_bare_model(model.net_g)
+    assert [model.gan_ramp(i) for i in (1, 2, 3, 5, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    seen = []
+    model.net_d.register_forward_hook(lambda m, args, out: seen.append((float(args[0].min()), float(args[0].max()))))
+    data = batch(1)
+    data["gt"] = torch.full_like(data["gt"], 0.5)
+    data["gt"][:, :, :4] = 0.0
+    model.feed_data(data)
+    model.optimize_parameters(1)  # before disc_start: no discriminator call, codes initialised
+    latents = net_g.encode(data["gt"]).permute(0, 2, 3, 1).reshape(-1, 3)
+    codes = net_g.quantize.embedding.weight.detach()
+    assert not seen and model.get_current_log()["codes_restarted"] == codes.shape[0]
+    gap = ((codes[:, None] - latents.detach()[None]) ** 2).sum(-1).min(dim=1).values
+    assert gap.max() < 1e-10  # each code is an encoder latent
+    model.feed_data(data)
+    model.optimize_parameters(2)
+    log = model.get_current_log()
+    assert log["gan_ramp"] == 0.25 and 0 < log["d_weight"] <= 0.5
+    assert (-1.0, 0.0) in seen  # the real image (rows of 0, the rest 0.5) arrives in [-1, 1]
+    used, perplexity = codebook_usage(torch.tensor([4, 4, 0, 0]))
+    assert used == 2 and perplexity == pytest.approx(2.0)
+    assert codebook_usage(torch.tensor([8, 0, 0]))[1] == pytest.approx(1.0)
