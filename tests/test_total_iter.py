@@ -84,3 +84,34 @@ def test_total_batch_errors_name_the_key():
     dp = {"dist": False, "world_size": 1, "num_gpu": 2, "datasets": {"train": {"total_batch_size": 4}}, "train": {}}
     resolve_total_batch(dp)  # DataParallel: BasicSR's loader multiplies the per-GPU batch by the GPU count
     assert dp["datasets"]["train"]["batch_size_per_gpu"] == 2
+
+
+@pytest.mark.parametrize("stage", ["train_stage2_flow.yml", "train_stage3_aft.yml"])
+def test_official_profiles_keep_the_official_total_batch_on_any_process_count(stage):
+    """options/official/: all 485 LOL-v1 pairs (no held-out pairs, no validation on the test set) and the official
+    total batch per step (stage II 4, stage III 2) on 1, 2 or 4 processes; a count that does not divide it is
+    refused. Stage III starts from the official-profile Stage-II run's last checkpoint."""
+    import copy
+
+    import yaml
+
+    from glare_nat_arch.compat import resolve_total_batch
+    from tests.train_runs import REPO_ROOT
+
+    opt = yaml.safe_load((REPO_ROOT / "options" / "official" / stage).read_text())
+    total = {"train_stage2_flow.yml": 4, "train_stage3_aft.yml": 2}[stage]
+    train = opt["datasets"]["train"]
+    assert "holdout" not in train and "batch_size_per_gpu" not in train and set(opt["datasets"]) == {"train"}
+    assert "val" not in opt
+    for world in (1, 2, 4):
+        if total % world:
+            with pytest.raises(ValueError, match="cannot be split"):
+                resolve_total_batch(dict(copy.deepcopy(opt), dist=world > 1, world_size=world, num_gpu=0))
+            continue
+        o = dict(copy.deepcopy(opt), dist=world > 1, world_size=world, num_gpu=0)
+        assert resolve_total_batch(o).startswith(f"total batch {total} = {world} x {total // world}")
+        assert o["datasets"]["train"]["batch_size_per_gpu"] * world == total
+    if stage == "train_stage3_aft.yml":
+        stage2 = yaml.safe_load((REPO_ROOT / "options" / "official" / "train_stage2_flow.yml").read_text())
+        assert opt["path"]["pretrain_network_stage2"] == f"experiments/{stage2['name']}/models/net_g_latest.pth"
+        assert opt["network_g"]["per_sample_rescale"] is True
