@@ -513,3 +513,21 @@ def test_stage1_gan_range_ramp_codebook_init_and_usage(tmp_path, ckpts):
     used, perplexity = codebook_usage(torch.tensor([4, 4, 0, 0]))
     assert used == 2 and perplexity == pytest.approx(2.0)
     assert codebook_usage(torch.tensor([8, 0, 0]))[1] == pytest.approx(1.0)
+
+
+def test_stage3_training_step_under_bf16_autocast_fuses_in_float32(tmp_path, ckpts):
+    """A Stage-III training step under autocast (bf16 on the CPU) runs the mix-up and the deformable warp of
+    every fused level in float32, as the official model does under fp16, and its losses stay finite."""
+    opt = make_opt("tiny_stage3_aft.yml", tmp_path, ckpts)
+    opt["train"]["amp"] = "bf16"
+    model = build_model(opt)
+    dmf = model.get_bare_model(model.net_g).deformable_decoder
+    seen = []
+    for m in (*dmf.warp, *dmf.mix):
+        m.register_forward_hook(
+            lambda m, args, out: seen.append([a.dtype for a in args if torch.is_tensor(a)] + [out.dtype])
+        )
+    model.feed_data(batch(3))
+    model.optimize_parameters(1)
+    assert len(seen) == 2 * len(dmf.warp) and all(set(d) == {torch.float32} for d in seen), seen
+    assert all(np.isfinite(v) for v in model.get_current_log().values())
