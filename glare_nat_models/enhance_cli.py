@@ -44,6 +44,7 @@ from glare_nat_models.inference import (
     select_device,
     set_malloc_mmap_threshold,
 )
+from glare_nat_models.progress import LayerProgress, model_networks
 
 __all__ = ["SourceImage", "load_source", "restore_layout", "output_paths", "enhance_array", "main"]
 
@@ -243,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tile == "auto" and device.type == "cuda":  # measure the model's memory once, not per image
         tiling["bytes_per_pixel"] = estimate_bytes_per_pixel(fn, 3, device)
     failures: list[tuple[Path, str]] = []
+    layers = LayerProgress(model_networks(model), desc="network", enabled=not args.quiet)  # inside one long call
     for src_path, out_path in tqdm(list(zip(inputs, outs)), desc="enhance", unit="img", disable=args.quiet):
         try:
             src = load_source(src_path)
-            out = enhance_array(fn, src.rgb, device, **tiling)
+            with layers.track(src_path.name):
+                out = enhance_array(fn, src.rgb, device, **tiling)
             _write(out_path, restore_layout(out, src))
         except Exception as exc:  # one bad file must not stop the batch; reported below
             msg = f"{type(exc).__name__}: {exc}"
