@@ -38,3 +38,15 @@ def test_disabled_progress_and_model_networks():
 
     m = Model()
     assert model_networks(m) == [m.net_g, m.net_vq] and model_networks(net) == [net]
+
+
+def test_heartbeat_redraws_during_one_long_call(capsys):
+    """No layer call for 0.5 s (one long operation): the heartbeat still redraws the bar several times."""
+    import time
+
+    progress = LayerProgress([_net()], desc="network", mininterval=0, heartbeat=0.1)
+    with progress.track("slow"):
+        capsys.readouterr()
+        time.sleep(0.55)
+        during = capsys.readouterr().err
+    assert during.count("network slow") >= 3, during
