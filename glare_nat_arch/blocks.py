@@ -395,7 +395,7 @@ class Decoder(_Streamable):
         ``level_hook(i_level, h) -> h`` (optional) runs after the blocks of every level below the bottleneck,
         before its upsample; ``feats`` collects ``h`` before the hook (empty when ``collect`` is False).
         ``mid_hook(h) -> h`` (optional) runs on the bottleneck feature (B, ch*ch_mult[-1], h, w) right after
-        ``mid`` (the decoder NAT's insertion point, design/nat.md §4).
+        ``mid`` (the decoder NAT's insertion point, docs/nat.md "Decoder NAT (NAT-III)").
         ``defer_finest`` (inference, no ``level_hook``): the finest level is not run; the first return value is
         None and ``feats[-1]`` is ``partial(level_forward, h, 0)``, which computes it when called (row-streamed
         inference: the finest map is not held while other networks run).

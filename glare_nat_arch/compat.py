@@ -4,7 +4,7 @@ Nothing in site-packages is edited. The import-time aliases below run when any g
 imported, which must happen before the first ``import basicsr`` in the process. Run-time patches of
 BasicSR functions are applied by :func:`patch_basicsr` (called by the launchers).
 
-Shims (see ``design/basicsr.md`` §4 and the README section "Compatibility shims"):
+Shims (user-facing summary: ``docs/compat.md``):
 
 1. ``torchvision.transforms.functional_tensor`` was removed in torchvision 0.17; basicsr imports
    ``rgb_to_grayscale`` from it at ``import basicsr`` time. We register an alias module.

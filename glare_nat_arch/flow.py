@@ -2,7 +2,7 @@
 
 Math and parameter names follow ``LowLevelAI/GLARE`` (``FlowActNorms.py``, ``Permutations.py``, ``flow.py``,
 ``FlowAffineCouplingsAblation.py``, ``FlowStep.py``, ``FlowUpsamplerNet.py``) so that the official
-``flowUpsamplerNet.*`` weights load with ``strict=True`` (see shared/design/glare.md §2.2).
+``flowUpsamplerNet.*`` weights load with ``strict=True`` (see docs/glare.md "Flow steps").
 
 Shapes: ``z`` is the latent ``(B, C, h, w)`` (C=3 in GLARE), ``cond`` is ``(B, cond_channels, h, w)`` (the same
 64-channel tensor for every step), ``logdet`` is ``(B,)``.

@@ -1,4 +1,4 @@
-"""GLARE with the NAT refiners (design/nat.md §3.7, §4, §6.1): registered wrapper networks.
+"""GLARE with the NAT refiners (docs/nat.md "Feedback into GLARE"): registered wrapper networks.
 
 * :class:`GLARENATFlowNet` = :class:`~glare_nat_arch.glare_arch.GLAREFlowNet` (Stage II) + ``nat2``
   (:class:`~glare_nat_arch.nat_arch.LatentNAT`). :meth:`GLARENATFlowNet.enhance` is the Stage-II image path with the
@@ -13,12 +13,12 @@ State-dict names: the GLARE part keeps the official names (``RRDB.*``, ``flowUps
 ``net_G.pth`` loads strictly; with refiners, load it restricted to :data:`GLARE_PREFIXES` (the models'
 ``path.pretrain_network_glare``) and the NAT weights from their own file.
 
-The ``nat2`` / ``nat3`` arguments are the nested option blocks of nat.md §6.1 (network part; the training knobs
-live in the ``train`` options, see :mod:`glare_nat_models.nat_model`). Missing keys take the spec defaults
+The ``nat2`` / ``nat3`` arguments are the nested option blocks of docs/nat.md (network part; the training knobs
+live in the ``train`` options, see :mod:`glare_nat_models.nat_model`). Missing keys take the documented defaults
 (:data:`NAT2_DEFAULTS`, :data:`NAT3_DEFAULTS`), unknown keys and non-default values of knobs that are not
 implemented raise a ``ValueError`` naming the key.
 
-Feedback (nat.md §3.7): the NL-decoder (frozen VQGAN, which re-quantises its input) gets
+Feedback (docs/nat.md "Feedback into GLARE"): the NL-decoder (frozen VQGAN, which re-quantises its input) gets
 ``z_nl = x_hat`` outside the ever-masked set and ``C[v^T]`` inside it, so untouched positions see exactly GLARE's
 input; ``D_MF`` gets ``z_out`` of the refiner (``mf_input: refined``; hard or soft per ``feedback.mode``) or
 ``x_hat`` (``mf_input: flow``, usable with an official Stage-III decoder without retraining). With nothing masked
@@ -65,7 +65,7 @@ GLARE_PREFIXES = ("RRDB.", "flowUpsamplerNet.", "deformable_decoder.")
 #: State-dict prefixes of the refiners.
 NAT_PREFIXES = ("nat2.", "nat3.")
 
-#: nat.md §6.1 ``nat2`` (network part) with the spec defaults.
+#: docs/nat.md "Options" ``nat2`` (network part) with the documented defaults.
 NAT2_DEFAULTS: dict[str, Any] = {
     "enable": True,
     "grid": {"merge": 2},
@@ -102,7 +102,7 @@ NAT2_DEFAULTS: dict[str, Any] = {
     "feedback": {"mode": "hard", "mf_input": "refined"},
 }
 
-#: nat.md §6.1 ``nat3`` (network part) with the spec defaults (``train_random_r_max`` / ``lambda_mfm`` are
+#: docs/nat.md ``nat3`` (network part) with the documented defaults (``train_random_r_max`` / ``lambda_mfm`` are
 #: training options: ``train.nat3``).
 NAT3_DEFAULTS: dict[str, Any] = {
     "enable": False,
@@ -113,10 +113,10 @@ NAT3_DEFAULTS: dict[str, Any] = {
     "residual": "masked_only",
 }
 
-#: nat.md §2.3: AutoNAT-L's searched T=8 ratios sub-sampled at steps 2, 4, 6 (``schedule: autonat_sub``, T=4).
+#: docs/nat.md: AutoNAT-L's searched T=8 ratios sub-sampled at steps 2, 4, 6 (``schedule: autonat_sub``, T=4).
 AUTONAT_SUB_T4 = (0.880, 0.746, 0.407)
 
-#: The implemented values of the spec's choice knobs (others raise, naming the option): {block: {path: values}}.
+#: The implemented values of the choice knobs (others raise, naming the option): {block: {path: values}}.
 SUPPORTED_VALUES: dict[str, dict[str, tuple]] = {
     "nat2": {
         "model.uvit_skips": (False, True),
@@ -163,7 +163,7 @@ def resolve_nat_config(
         if node not in allowed:
             raise ValueError(
                 f"option {where}.{path} = {node!r} is not implemented; supported: {list(allowed)} "
-                "(nat.md §6.1 lists it as an ablation)"
+                "(docs/nat.md 'Options' lists it as an ablation)"
             )
     return out
 
@@ -281,12 +281,12 @@ class _LatentNATMixin:
 
     @property
     def mf_input(self) -> str:
-        """``refined`` or ``flow`` (nat.md §3.7)."""
+        """``refined`` or ``flow`` (docs/nat.md "Feedback into GLARE")."""
         return self.nat2_cfg["feedback"]["mf_input"] if self.nat2_cfg else "flow"
 
     @torch.no_grad()
     def nat2_score(self, rev: Mapping[str, Any], codebook: Tensor) -> Tensor | None:
-        """The ``flow_mc`` uncertainty (nat.md §3.10) of a reverse-flow result, or None for the other sources.
+        """The ``flow_mc`` uncertainty (docs/nat.md) of a reverse-flow result, or None for the other sources.
 
         ``FLOW_MC_SAMPLES`` latents ``f^-1(color_map + FLOW_MC_HEAT * eps; cond)`` (``eps`` from a generator seeded
         0, so inference stays deterministic), their nearest codes, and the normalised entropy of each position's
@@ -349,7 +349,7 @@ class _LatentNATMixin:
 @ARCH_REGISTRY.register()
 class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
     """Stage II + NAT-II. Args: those of :class:`GLAREFlowNet`, plus ``codebook_size`` (the VQGAN's ``n_embed``)
-    and ``nat2`` (nat.md §6.1 block; None = no refiner, then :meth:`enhance` is GLARE's Stage-II path).
+    and ``nat2`` (docs/nat.md "Options" block; None = no refiner, then :meth:`enhance` is GLARE's Stage-II path).
 
     ``forward`` is still the Stage-II NLL pass of :class:`GLAREFlowNet`; the image path is :meth:`enhance`.
     """
@@ -379,7 +379,7 @@ class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
 @ARCH_REGISTRY.register()
 class GLARENATNet(_LatentNATMixin, GLARENet):
     """Stage III + NAT-II (latent) + NAT-III (decoder). Args: those of :class:`GLARENet`, plus ``codebook_size``,
-    ``nat2`` and ``nat3`` (nat.md §6.1 blocks; None = absent). NAT-III needs NAT-II's code distribution for its
+    ``nat2`` and ``nat3`` (docs/nat.md blocks; None = absent). NAT-III needs NAT-II's code distribution for its
     uncertainty map, so ``nat3.enable`` with ``nat2`` absent or ``nat2.enable: false`` keeps a ``nat2`` module for
     the uncertainty only (its refiner is not applied).
     """
@@ -419,7 +419,7 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
 
         def hook(h_mid: Tensor) -> Tensor:
             mask = nat3.patch_mask(uncertainty)
-            if random_r_max > 0:  # training: union with random patches, r3 ~ U(0, r_max) (nat.md §4.8)
+            if random_r_max > 0:  # training: union with random patches, r3 ~ U(0, r_max) (docs/nat.md)
                 rand = sample_train_mask(torch.zeros_like(mask, dtype=torch.float32), 0.0, random_r_max, 0.0, generator)
                 mask = mask | rand
             h_new, mask = nat3(h_mid, cond, uncertainty, mask=mask)

@@ -1,9 +1,9 @@
-"""NAT (MaskGIT-style non-autoregressive transformer) refiners for GLARE (design/nat.md §3, §4).
+"""NAT (MaskGIT-style non-autoregressive transformer) refiners for GLARE (docs/nat.md "Latent NAT (NAT-II)").
 
 * :class:`LatentNAT` (NAT-II): refines the flow output's nearest codes at uncertain positions by
-  entropy-masked iterative parallel decoding (Algorithm B, §3.6) and feeds the result back (§3.7).
+  entropy-masked iterative parallel decoding (docs/nat.md "Decoding") and feeds the result back ("Feedback into GLARE").
 * :class:`DecoderNAT` (NAT-III): a zero-initialised, mask-aware feature transformer on a decoder feature
-  map (§4); the identity at initialisation.
+  map (docs/nat.md "Decoder NAT (NAT-III)"); the identity at initialisation.
 
 Both are ordinary BasicSR archs: tensors in, tensors out; the codebook is passed in as a ``K x C`` tensor.
 """
@@ -40,15 +40,15 @@ from glare_nat_arch.transformer import TransformerStack, init_transformer_weight
 __all__ = ["LatentNAT", "DecoderNAT", "MLMHead", "masked_ce_loss", "POS_ENCODINGS", "COND_MODES"]
 
 _CONF_RULES = ("logp", "neg_entropy", "margin")
-#: ``cond_mode`` values of :class:`LatentNAT` (nat.md §3.4) and the context pooling of ``xattn`` (h/4 x w/4).
+#: ``cond_mode`` values of :class:`LatentNAT` (docs/nat.md) and the context pooling of ``xattn`` (h/4 x w/4).
 COND_MODES = ("additive", "adaln", "xattn")
 XATTN_POOL = 4
-#: ``pos`` values of :class:`LatentNAT` (nat.md §6.1 ``model.pos``).
+#: ``pos`` values of :class:`LatentNAT` (docs/nat.md "Options" ``model.pos``).
 POS_ENCODINGS = ("sincos2d+peg", "sincos2d", "peg")
 
 
 def masked_ce_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.1) -> Tensor:
-    """Label-smoothed cross-entropy averaged over masked positions only (nat.md §1.3, §3.8.5).
+    """Label-smoothed cross-entropy averaged over masked positions only (docs/nat.md "Training the latent NAT").
 
     Args:
         logits: ``N_q x K`` logits at the masked positions (as returned by :meth:`LatentNAT.logits`), or,
@@ -119,19 +119,19 @@ class LatentNAT(nn.Module):
 
     Args:
         codebook_size: ``K`` (8192 for GLARE).
-        dim, depth, heads, mlp_ratio, dropout: transformer size (defaults NAT-II-S, nat.md §3.5).
+        dim, depth, heads, mlp_ratio, dropout: transformer size (defaults NAT-II-S, docs/nat.md "Architecture").
         cond_channels: channels of the conditional encoder's ``cond_feat`` (64).
         code_dim: code / latent channels (3).
         merge: token-merge factor (2 default; 1 = native grid).
         pos: position encoding of the merged grid: ``sincos2d+peg`` (fixed 2-D sin-cos, plus a PEG after block 1),
             ``sincos2d`` or ``peg`` (one of the two).
         uvit_skips: U-ViT long skips between mirrored blocks (:class:`TransformerStack` ``long_skips``).
-        cond_mode: ``additive`` (``W_c [...]`` added to every token embedding, nat.md §3.4) | ``adaln`` (the same
+        cond_mode: ``additive`` (``W_c [...]`` added to every token embedding, docs/nat.md) | ``adaln`` (the same
             projection, merged like the tokens, drives a per-token adaLN-Zero in every block; +6 dim^2 per token
             per block) | ``xattn`` (every block cross-attends to the projection average-pooled ``xattn_pool x
             xattn_pool`` on the f=4 grid, with 2-D sin-cos positions; +N' M dim per block).
         tok_init: ``random`` (trunc-normal 0.02) | ``codebook_lift``: after :meth:`init_token_embedding`, code rows
-            start as ``W_lift e_k + R_k`` (nat.md §3.4), so neighbouring codes start with similar embeddings.
+            start as ``W_lift e_k + R_k`` (docs/nat.md), so neighbouring codes start with similar embeddings.
         mask_hides_latent: zero the ``x_hat`` and ``H`` conditioning slots at ``[MASK]`` positions.
         iters: decoding rounds ``T``; schedule: ``gamma`` name or ratios (see ``mask_schedule``).
         conf: confidence rule ``logp`` | ``neg_entropy`` | ``margin``.
@@ -139,13 +139,13 @@ class LatentNAT(nn.Module):
         choice_temp: Gumbel temperature ``tau_c`` on the confidence, annealed ``tau_c (1 - t/T)``.
         remask_scope: ``new_only`` (committed tokens are final) | ``all`` (any token may be re-masked).
         remask_rule: ``schedule`` (keep the ``N0 gamma(t/T)`` least confident masked) | ``threshold`` (the slides'
-            literal rule, nat.md §3.6: a masked position stays masked while the normalised entropy of its NAT
+            literal rule, docs/nat.md "Decoding": a masked position stays masked while the normalised entropy of its NAT
             distribution exceeds ``tau_t = tau``, constant hence non-decreasing; ``M_T`` is empty; ``remask_scope``
             ``new_only`` only).
         early_stop: run rounds ``t <= early_stop`` only, committing every still-masked token at the last.
         knn: nearest codes kept for the flow distribution; dist_temp: ``T_d`` (None until calibrated).
         uncertainty_source: the per-position uncertainty that masks and conditions: ``entropy`` (normalised
-            entropy of the flow distribution) | ``margin`` (``exp(-(d_(2) - d_(1)) / T_d)``, nat.md §3.10) |
+            entropy of the flow distribution) | ``margin`` (``exp(-(d_(2) - d_(1)) / T_d)``, docs/nat.md) |
             ``flow_mc`` (code histogram entropy of flow samples: the flow lives outside this module, so callers pass
             it as ``score``; :meth:`GLARENATFlowNet.nat2_score` computes it).
         tau: threshold of the initial mask on that uncertainty (None = 'auto', set by :meth:`calibrate`).
@@ -261,7 +261,7 @@ class LatentNAT(nn.Module):
 
     @torch.no_grad()
     def init_token_embedding(self, codebook: Tensor, generator: torch.Generator | None = None) -> bool:
-        """``tok_init='codebook_lift'``: code rows ``E_tok[k] = W_lift e_k + R_k`` (nat.md §3.4), with the codes
+        """``tok_init='codebook_lift'``: code rows ``E_tok[k] = W_lift e_k + R_k`` (docs/nat.md), with the codes
         standardised per channel, ``W_lift`` (``dim x code_dim``) and ``R`` ~ N(0, 0.02^2); the ``[MASK]`` row
         keeps its value. A no-op returning False for ``tok_init='random'``. Call once, on fresh weights, before
         training (``GLARENATModel`` does when it builds a NAT-II that no checkpoint fills).
@@ -440,7 +440,7 @@ class LatentNAT(nn.Module):
         return value
 
     def uncertainty(self, x_hat: Tensor, codebook: Tensor, score: Tensor | None = None) -> CodeUncertainty:
-        """Flow-output code distribution (nat.md §3.2): ``codes`` v0, ``entropy``, ``margin`` and ``score`` (the
+        """Flow-output code distribution (docs/nat.md): ``codes`` v0, ``entropy``, ``margin`` and ``score`` (the
         uncertainty of ``uncertainty_source`` that masks and conditions), each ``B x h x w``.
 
         ``score``: the ``flow_mc`` map (``B x h x w``), required for that source and refused for the others."""
@@ -510,7 +510,7 @@ class LatentNAT(nn.Module):
             )
         return {"dist_temp": float(self.dist_temp), "tau": float(self.tau)}
 
-    #: Training mask ``B x h x w`` (nat.md §3.8.3): :func:`~glare_nat_arch.nat_uncertainty.sample_train_mask`.
+    #: Training mask ``B x h x w`` (docs/nat.md): :func:`~glare_nat_arch.nat_uncertainty.sample_train_mask`.
     train_mask = staticmethod(sample_train_mask)
 
     masked_ce_loss = staticmethod(masked_ce_loss)
@@ -599,7 +599,7 @@ class LatentNAT(nn.Module):
         score: Tensor | None = None,
         soft_codes: bool | None = None,
     ) -> dict[str, Any]:
-        """Entropy-masked iterative refinement (Algorithm B, nat.md §3.6) and feedback (§3.7).
+        """Entropy-masked iterative refinement (docs/nat.md "Decoding") and feedback ("Feedback into GLARE").
 
         Call ``eval()`` first for deterministic decoding (dropout). Greedy (``sample_temp = choice_temp = 0``)
         decoding is deterministic; otherwise the noise comes from ``generator``. ``stats=False`` skips what only
@@ -725,7 +725,7 @@ class LatentNAT(nn.Module):
 
 @ARCH_REGISTRY.register()
 class DecoderNAT(nn.Module):
-    """NAT-III: mask-aware feature transformer on a decoder feature map (nat.md §4).
+    """NAT-III: mask-aware feature transformer on a decoder feature map (docs/nat.md "Decoder NAT (NAT-III)").
 
     ``patch x patch`` patches of the ``B x C x h x w`` features become tokens (``Linear(C p^2 -> dim)``);
     masked patches take a learnable mask embedding; 2-D sin-cos positions and a projection of the patchified

@@ -1,4 +1,4 @@
-"""Code-space uncertainty, masks and schedules for the latent NAT refiner (design/nat.md §2.3, §3.2, §3.3, §3.8).
+"""Code-space uncertainty, masks and schedules for the latent NAT refiner (docs/nat.md "Mask schedules").
 
 Everything works on plain tensors (no BasicSR import):
 
@@ -50,9 +50,9 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "square", "cubic", "arccos", "root")
-#: Per-position uncertainty scores :func:`code_uncertainty` computes from the flow output alone (nat.md §3.10).
+#: Per-position uncertainty scores :func:`code_uncertainty` computes from the flow output alone (docs/nat.md).
 UNCERTAINTY_SOURCES = ("entropy", "margin")
-#: ``flow_mc`` (nat.md §3.10): codes of ``FLOW_MC_SAMPLES`` flow samples at heat ``FLOW_MC_HEAT``.
+#: ``flow_mc`` (docs/nat.md "Uncertainty sources"): codes of ``FLOW_MC_SAMPLES`` flow samples at heat ``FLOW_MC_HEAT``.
 FLOW_MC_SAMPLES = 8
 FLOW_MC_HEAT = 0.8
 
@@ -141,7 +141,7 @@ def normalized_entropy(probs: Tensor, work: Tensor | None = None) -> Tensor:
 
 
 def histogram_entropy(codes: Tensor) -> Tensor:
-    """Normalised entropy of the empirical code histogram over ``S`` samples (nat.md §3.10 ``flow_mc``).
+    """Normalised entropy of the empirical code histogram over ``S`` samples (docs/nat.md ``flow_mc``).
 
     Args:
         codes: ``S x B x h x w`` integer codes (``S >= 2``).
@@ -174,14 +174,14 @@ class CodeUncertainty:
 def code_uncertainty(
     z: Tensor, codebook: Tensor, dist_temp: float, knn: int = 64, chunk: int = 2048, source: str = "entropy"
 ) -> CodeUncertainty:
-    """Predictive code distribution of the flow output (design/nat.md §3.2) and its uncertainty score.
+    """Predictive code distribution of the flow output (docs/nat.md) and its uncertainty score.
 
     Args:
         z: ``B x C x h x w`` flow output ``x_hat``.
         codebook: ``K x C``.
         dist_temp: distance temperature ``T_d`` (> 0).
         knn: nearest codes kept (``K >= 2`` required).
-        source: what ``score`` is (nat.md §3.10): ``entropy`` (the normalised entropy ``H``, default) or ``margin``
+        source: what ``score`` is (docs/nat.md): ``entropy`` (the normalised entropy ``H``, default) or ``margin``
             (``exp(-(d_(2) - d_(1)) / T_d)``: the top-2 probability ratio ``p(2) / p(1)`` of ``p0``, 1 at a tie, so
             it depends on the two nearest codes only, not on the density of the other ``knn - 2``).
     """
@@ -241,7 +241,7 @@ def mask_schedule(schedule: str | Sequence[float], iters: int) -> list[float]:
     """``gamma(t/T)`` for ``t = 1..T``: the fraction of ``N0`` still masked after round ``t`` (last is 0).
 
     Args:
-        schedule: one of :data:`SCHEDULES` (nat.md §2.3), or explicit ratios ``r_1..r_{T-1}`` (a ``T``-th
+        schedule: one of :data:`SCHEDULES` (docs/nat.md), or explicit ratios ``r_1..r_{T-1}`` (a ``T``-th
             value, if given, must be 0), each in ``[0, 1]``.
         iters: ``T >= 1``.
     """
@@ -271,7 +271,7 @@ def mask_schedule(schedule: str | Sequence[float], iters: int) -> list[float]:
 
 
 def still_masked_counts(n0: Tensor, n_prev: Tensor, gamma: float) -> Tensor:
-    """Positions left masked after a round: ``max(0, min(n_prev - 1, floor(N0 * gamma)))`` (nat.md §3.6 B7).
+    """Positions left masked after a round: ``max(0, min(n_prev - 1, floor(N0 * gamma)))`` (docs/nat.md "Decoding").
 
     Args:
         n0: ``B`` initial masked counts; n_prev: ``B`` counts masked before the round; gamma: schedule value.
@@ -308,7 +308,7 @@ def _as_batches(latents: Tensor | Iterable[Tensor]) -> Iterable[Tensor]:
 
 
 def calibrate_dist_temp(latents: Tensor | Iterable[Tensor], codebook: Tensor, chunk: int = 2048) -> float:
-    """``T_d`` = median over all positions of ``d_(2) - d_(1)`` (squared distances, nat.md §3.2 step 4).
+    """``T_d`` = median over all positions of ``d_(2) - d_(1)`` (squared distances, docs/nat.md step 4).
 
     Args:
         latents: one ``B x C x h x w`` tensor or an iterable of them (flow outputs on training images).
@@ -334,7 +334,7 @@ def calibrate_tau(
     chunk: int = 2048,
     source: str = "entropy",
 ) -> float:
-    """``tau`` = the ``(1 - rho_target)`` quantile over all positions of the uncertainty score (§3.3; the
+    """``tau`` = the ``(1 - rho_target)`` quantile over all positions of the uncertainty score (docs/nat.md; the
     normalised entropy by default, see :func:`code_uncertainty` for ``source``)."""
     if not 0.0 <= rho_target <= 1.0:
         raise ValueError(f"rho_target must be in [0, 1], got {rho_target}")
@@ -355,7 +355,7 @@ def sample_train_mask(
     generator: torch.Generator | None = None,
     r_dist: str = "uniform",
 ) -> Tensor:
-    """Training mask (nat.md §3.8.3): ``m = max(1, round(r N))`` positions = top-``m`` of ``beta H + Gumbel``.
+    """Training mask (docs/nat.md): ``m = max(1, round(r N))`` positions = top-``m`` of ``beta H + Gumbel``.
 
     Args:
         entropy: ``B x h x w`` normalised entropy.

@@ -1,4 +1,4 @@
-"""Shared transformer building blocks for the NAT refiners (design/nat.md §3.5, §4).
+"""Shared transformer building blocks for the NAT refiners (docs/nat.md "Architecture", "Decoder NAT (NAT-III)").
 
 One pre-LN block (multi-head self-attention through ``F.scaled_dot_product_attention`` + GELU MLP), a
 size-agnostic fixed 2-D sin-cos position embedding, a positional-encoding generator (PEG, depthwise 3x3

@@ -1,4 +1,4 @@
-"""Stage III of GLARE: Adaptive Feature Transformation (``network_g: GLARENet``), design/glare.md §3.
+"""Stage III of GLARE: Adaptive Feature Transformation (``network_g: GLARENet``), docs/glare.md "Stage III: AFT decoder"
 
 Initialisation (official ``VQLLFLOWDModel``): the Stage-II checkpoint fills ``RRDB.*`` and ``flowUpsamplerNet.*``
 (``path.pretrain_network_stage2``; the official code loads it with ``strict=False``, here the keys are checked

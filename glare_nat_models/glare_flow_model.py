@@ -1,6 +1,6 @@
 """Stage II of GLARE: conditional encoder + invertible latent flow (``network_g: GLAREFlowNet``), trained by NLL.
 
-Official objective (``LLFlow_model.optimize_parameters``, design/glare.md §2.3), per batch::
+Official objective (``LLFlow_model.optimize_parameters``, docs/glare.md "Stage-II objective"), per batch::
 
     z_NL = quant_conv(E_NL(gt))                          frozen VQGAN (network_vq), no gradient
     mu   = z_NL  with probability train_gt_ratio (0.2),  else color_map(E_c(log lq))

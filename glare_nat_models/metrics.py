@@ -6,7 +6,7 @@ additionally pass ``img_float`` / ``img2_float``: the same images as float BGR a
 rounding. GT-mean metrics use the float arrays when present (the adjustment is defined on the unrounded
 output), else ``uint8 / 255``. Plain PSNR / SSIM are BasicSR's ``calculate_psnr`` / ``calculate_ssim``.
 
-GT-mean adjustment (KinD / LLFlow protocol, see design/glare.md §5 and anchors.md §2), one global scale::
+GT-mean adjustment (KinD / LLFlow protocol, docs/glare.md "Official metrics"), one global scale::
 
     r  = clip(out, 0, 1);  t = gt
     r' = clip(r * gray_mean(t) / gray_mean(r), 0, 1)

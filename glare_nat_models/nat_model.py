@@ -1,4 +1,4 @@
-"""NAT refiner models (design/nat.md §3.8, §4.8): latent NAT training (Stage II) and Stage III with both NATs.
+"""NAT refiner models (docs/nat.md): latent NAT training (Stage II) and Stage III with both NATs.
 
 :class:`GLARENATModel` (``network_g: GLARENATFlowNet``) trains NAT-II on top of a frozen Stage II::
 
@@ -18,7 +18,7 @@ they are saved with every checkpoint. Validation runs the stock image metrics on
 
 :class:`GLARENATAFTModel` (``network_g: GLARENATNet``) is :class:`GLAREAFTModel` with the NATs: NAT-II frozen
 (``path.pretrain_network_nat2``), ``D_MF`` and NAT-III trained with the Stage-III losses plus
-``lambda_mfm * L_mfm`` (masked feature modelling against an EMA teacher, nat.md §4.8), NAT-III in its own
+``lambda_mfm * L_mfm`` (masked feature modelling against an EMA teacher, docs/nat.md), NAT-III in its own
 optimizer group (``train.nat3.lr``, ``train.nat3.warmup``), random extra NAT-III masks in training
 (``train.nat3.train_random_r_max``), ``tau3: auto`` calibrated like ``tau``.
 
@@ -35,7 +35,7 @@ Checkpoint inputs (``path``; each with ``param_key_*`` and ``strict_load_*``, de
 Calibrated values travel in the checkpoints (buffers ``nat2.dist_temp``, ``nat2.tau``, ``nat3.tau3``); a number given
 in the options (``network_g.nat2.uncertainty.tau: 0.5``) overrides the loaded value, ``auto`` keeps it.
 
-Where each knob of nat.md §6.1 lives in the YAML: :data:`NAT_KNOB_LOCATIONS`.
+Where each knob of docs/nat.md "Options" lives in the YAML: :data:`NAT_KNOB_LOCATIONS`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ __all__ = [
     "GLARENATAFTModel",
 ]
 
-#: ``train.nat2`` (nat.md §6.1 ``nat2.train`` minus the optimiser knobs, which use BasicSR's own keys; see
+#: ``train.nat2`` (docs/nat.md "Options" ``nat2.train`` minus the optimiser knobs, which use BasicSR's own keys; see
 #: :data:`NAT_KNOB_LOCATIONS`) plus two non-spec keys choosing the calibration images.
 NAT2_TRAIN_DEFAULTS: dict[str, Any] = {
     "r_dist": "uniform",
@@ -101,7 +101,8 @@ NAT2_TRAIN_DEFAULTS: dict[str, Any] = {
     "calib_max_images": 50,
 }
 
-#: ``train.nat3``: the training knobs of nat.md §6.1 ``nat3`` / §4.8 plus the calibration keys.
+#: ``train.nat3``: the training knobs of ``nat3`` (docs/nat.md "Training the dual-NAT Stage III") and the
+#: calibration keys.
 NAT3_TRAIN_DEFAULTS: dict[str, Any] = {
     "train_random_r_max": 0.5,
     "lambda_mfm": 0.1,
@@ -122,7 +123,7 @@ def _network_knobs(block: str, defaults: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-#: nat.md §6.1 knob -> its YAML key (``network_g.*`` for the model, ``train.*`` / ``datasets.*`` for training).
+#: docs/nat.md knob -> its YAML key (``network_g.*`` for the model, ``train.*`` / ``datasets.*`` for training).
 #: The optimiser knobs of ``nat2.train`` map to BasicSR's own keys so that they are not duplicated.
 NAT_KNOB_LOCATIONS: dict[str, str] = {
     **_network_knobs("nat2", NAT2_DEFAULTS),
@@ -159,7 +160,7 @@ def binary_auroc(scores: Tensor, labels: Tensor) -> float | None:
 
 
 class NATValStats:
-    """Accumulates NAT-II token statistics over validation images (nat.md §3.9 T6/T7).
+    """Accumulates NAT-II token statistics over validation images (docs/nat.md "Validation statistics").
 
     Per image: flow codes ``v0``, NAT codes ``v^T``, teacher codes ``y``, initial mask ``M0`` and entropy ``H``
     (``B x h x w``). :meth:`summary` gives a flat dict: counts, ``masked_frac`` = |M0| / N, token accuracies of the
@@ -167,7 +168,7 @@ class NATValStats:
     ``acc_nat_all``), ``auroc_entropy`` = AUROC(H -> [v0 != y]) over all positions (None if undefined) and
     ``auroc_score``, the same for the uncertainty that masks (``nat2.uncertainty.source``; equal to
     ``auroc_entropy`` for the default ``entropy``), and the mean PSNR of every image set given to :meth:`add_psnr`
-    as ``psnr_<name>`` (the oracle rows of nat.md T8).
+    as ``psnr_<name>`` (the oracle rows of docs/nat.md "Validation statistics").
     """
 
     def __init__(self) -> None:
@@ -229,7 +230,7 @@ class NATValStats:
 
 
 def mfm_loss(h_hat: Tensor, h_star: Tensor, pixel_mask: Tensor) -> Tensor:
-    """Masked feature modelling ``sum(|h_hat - h*| * m) / (sum(m) * C)`` (nat.md §4.8; mean over masked elements).
+    """Masked feature modelling ``sum(|h_hat - h*| * m) / (sum(m) * C)`` (docs/nat.md; mean over masked elements).
 
     Args:
         h_hat, h_star: ``B x C x h x w``; pixel_mask: bool ``B x 1 x h x w``. Returns 0 when nothing is masked.
@@ -471,7 +472,7 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
     @torch.no_grad()
     def training_tokens(self, rev: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Input ids ``V``, loss mask ``M`` and the flow uncertainty ``H`` (the normalised entropy, or the margin
-        score with ``uncertainty.source: margin``; all ``B x h x w``) of one batch (nat.md §3.8)."""
+        score with ``uncertainty.source: margin``; all ``B x h x w``) of one batch (docs/nat.md)."""
         cfg, nat2 = self.nat_train, self.bare_net().nat2
         codebook = vqgan_codebook(self.net_vq)
         score = self.bare_net().nat2_score(rev, codebook)  # flow_mc only, else None
@@ -553,9 +554,10 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
 
     @torch.no_grad()
     def oracle_psnr(self, ref: Mapping[str, Any], y: Tensor, crop: tuple[int, int, int, int]) -> None:
-        """nat.md T8: PSNR of the NAT output and of images decoded from (a) the flow's codes v0 (= Stage II without
-        NAT), (b) v0 with the teacher codes at the initially masked positions (the most NAT-II can reach) and (c)
-        the teacher codes everywhere (the VQGAN's own ceiling); NAT gains read against (b) - (a)."""
+        """PSNR of the NAT output and of images decoded from (a) the flow's codes v0 (= Stage II without NAT),
+        (b) v0 with the teacher codes at the initially masked positions (the most NAT-II can reach) and (c)
+        the teacher codes everywhere (the VQGAN's own ceiling); NAT gains read against (b) - (a)
+        (docs/nat.md "Validation statistics")."""
         top, h, left, w = crop
         stats = self._val_stats
         stats.add_psnr("nat", self.output, self.gt)

@@ -1,6 +1,6 @@
 """Stage I of GLARE: train the normal-light VQGAN (``network_g: GLAREVQGAN``) on normal-light images.
 
-The official repository ships no Stage-I training code (design/glare.md §1): its ``VQModel.training_step`` calls
+The official repository ships no Stage-I training code (docs/glare.md): its ``VQModel.training_step`` calls
 taming-transformers' ``VQLPIPSWithDiscriminator`` interface, and its optimizers are Adam with betas (0.5, 0.9).
 This model implements that recipe (taming ``taming/modules/losses/vqperceptual.py``) in BasicSR form::
 

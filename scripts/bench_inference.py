@@ -494,7 +494,7 @@ def fmt_train(row: dict) -> str:
 
 
 def target_checks(comps: list[dict], prec: list[dict], runs: list[dict], device: torch.device) -> list[str]:
-    """The issue's acceptance targets, evaluated on the measured numbers (PASS / FAIL / n/a)."""
+    """The performance targets of docs/performance.md, evaluated on the measured numbers (PASS / FAIL / n/a)."""
 
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "FAIL")

@@ -1,4 +1,4 @@
-"""Latency and peak memory of GLARE's inference paths with and without the NAT refiners (design/nat.md §5.5).
+"""Latency and peak memory of GLARE's inference paths with and without the NAT refiners (docs/nat.md "Measured cost").
 
 Paths, batch 1, one run of this script (ratios are taken within the run):
 
@@ -8,9 +8,9 @@ Paths, batch 1, one run of this script (ratios are taken within the run):
 * ``stage III + NAT-II`` and ``stage III + NAT-II + NAT-III``: :class:`GLARENATNet`;
 * ``NAT-II only`` / ``NAT-III only``: the refiners alone on precomputed inputs.
 
-Networks have the official GLARE sizes and the nat.md §6.1 NAT defaults, with random weights (no checkpoint is
+Networks have the official GLARE sizes and the docs/nat.md "Options" NAT defaults, with random weights (no checkpoint is
 needed: latency and memory do not depend on the weights, except through the masked fraction, which is fixed by
-calibrating ``tau`` / ``tau3`` on the input to the spec's ``rho_target`` = 25%). ``--tiny`` uses tiny networks (CI
+calibrating ``tau`` / ``tau3`` on the input to the default ``rho_target`` = 25%). ``--tiny`` uses tiny networks (CI
 smoke test).
 
 Latency: mean (and sd) of ``--runs`` timed runs after ``--warmup`` runs (CUDA events on a GPU). Peak memory: bytes of
@@ -57,7 +57,7 @@ TARGETS = {"latency": 0.10, "memory": 0.12}
 OFFICIAL = {
     "vq": {},  # GLAREVQGAN defaults = official (ch 128, ch_mult [1,2,4], K 8192, d 3)
     "glare": {},  # GLARENet defaults = official
-    "nat2": {},  # nat.md §6.1 defaults
+    "nat2": {},  # docs/nat.md 'Options' defaults
     "nat3": {"enable": True},
 }
 TINY = {
@@ -241,7 +241,8 @@ def header_lines(results: dict) -> list[str]:
     cpu = results["device_type"] != "cuda"
     return [
         f"device: {results['device']} | torch {results['torch']} | amp: {results['amp'] or 'off (float32)'} | "
-        f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, NAT defaults (nat.md §6.1)"
+        f"batch 1 | {'TINY networks' if results['tiny'] else 'official GLARE sizes'}, "
+        "NAT defaults (docs/nat.md 'Options')"
         + (f" with nat2 overrides {json.dumps(results['nat2_overrides'])}" if results.get("nat2_overrides") else "")
         + ", random weights",
         (
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--nat2",
         type=json.loads,
         default=None,
-        help='JSON overrides of the nat2 options, e.g. \'{"decode": {"iters": 2}}\' (default: nat.md §6.1)',
+        help='JSON overrides of the nat2 options, e.g. \'{"decode": {"iters": 2}}\' (default: docs/nat.md "Options")',
     )
     p.add_argument(
         "--paths",

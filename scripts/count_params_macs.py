@@ -5,7 +5,7 @@
     python scripts/count_params_macs.py --tiny --sizes 48x32 --backend mmengine   # cross-check on the tiny config
 
 MACs (one multiply-accumulate = 1) count convolutions and matrix products only (conv, linear, matmul/bmm,
-attention, DCN): GroupNorm, upsampling and element-wise ops are excluded, as in design/glare.md §8.
+attention, DCN): GroupNorm, upsampling and element-wise ops are excluded, as in docs/glare.md "Parameters and MACs"
 
 Backends:
 - ``torch`` (default): ``torch.utils.flop_counter.FlopCounterMode`` on ``meta`` tensors (shapes only, no memory,

@@ -92,7 +92,7 @@ def test_encoder_decoder_shapes_skips_and_features():
 def test_official_sizes_key_layout_and_parameter_counts():
     with torch.device("meta"):
         enc, dec = Encoder(), Decoder()
-    # design/glare.md §8 (computed from the official architecture)
+    # docs/glare.md "Parameters and MACs" (computed from the official architecture)
     assert sum(p.numel() for p in enc.parameters()) == 24_440_707
     assert sum(p.numel() for p in dec.parameters()) == 36_115_715
     keys_e, keys_d = set(enc.state_dict()), set(dec.state_dict())

@@ -82,7 +82,7 @@ def test_layer_layout_official_and_golden(golden):
     assert len(kinds) == 28
     assert [i for i, k in enumerate(kinds) if k == "noCoupling"] == [0, 1, 14, 15]
     n_used = sum(p.numel() for n, p in official.named_parameters() if not n.startswith("f."))
-    assert n_used == 4 * 15 + 24 * (15 + 88_788)  # glare.md §8
+    assert n_used == 4 * 15 + 24 * (15 + 88_788)  # docs/glare.md "Parameters and MACs"
     assert official.f[0].weight.shape == (384, 320, 3, 3)
     assert _golden_flow(golden, torch.float64).layer_kinds == golden["config"]["flow_layers"]
 

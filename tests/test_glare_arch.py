@@ -169,7 +169,7 @@ def test_golden_stage3_float64(golden, run64):
         compared += 1
     assert compared == len(ref) - 1 == 16
     close(run64["plain"], ref["output"], F64)
-    # per-level fusion, rebuilt from the stored tensors and the Mix weights (README §4)
+    # per-level fusion, rebuilt from the stored tensors and the Mix weights (docs/glare.md "Fusion")
     sd = golden["full_state_dict"]
     s2 = golden["outputs"]["stage2"]
     for level, j, skip in ((1, 0, "s1"), (0, 1, "s0")):
@@ -308,7 +308,7 @@ def test_official_sizes_match_net_g_layout():
     with torch.device("meta"):
         net = GLARENet()
     sd = net.state_dict()
-    assert len(sd) == 824  # design/glare.md §7
+    assert len(sd) == 824  # docs/glare.md "State-dict names"
     assert sum(v.numel() for v in sd.values()) == 71_715_259
     assert sd["deformable_decoder.warp.0.offset.weight"].shape == (256, 512, 3, 3)
     assert sd["deformable_decoder.warp.1.dcn.conv_offset.weight"].shape == (108, 128, 3, 3)

@@ -30,7 +30,7 @@ def _pair(shape=(2, 3, 40, 36), seed=0, dtype=torch.float64):
 
 # ---------------------------------------------------------------------------------------------- MS-SSIM
 def _naive_ms_ssim(x: np.ndarray, y: np.ndarray, official_bug: bool) -> float:
-    """Direct numpy MS-SSIM following the written definition (design/glare.md §3), float64."""
+    """Direct numpy MS-SSIM following the written definition (docs/glare.md "Stage III: AFT decoder"), float64."""
     w = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])
     ss, cs = [], []
     for level in range(5):

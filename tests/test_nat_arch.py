@@ -262,7 +262,7 @@ def test_registry_and_default_size():
     assert "LatentNAT" in ARCH_REGISTRY and "DecoderNAT" in ARCH_REGISTRY
     net = build_network({"type": "LatentNAT", "codebook_size": 8192})
     n_params = sum(p.numel() for p in net.parameters())
-    assert 14e6 < n_params < 16.5e6  # nat.md §3.5: about 15M
+    assert 14e6 < n_params < 16.5e6  # docs/nat.md "Architecture": about 15M
     assert net.mask_token_id == 8192 and net.tok_emb.weight.shape == (8193, 384)
 
 
@@ -359,7 +359,7 @@ def test_train_mask_ratio_distributions():
         sample_train_mask(ent[:1], r_dist="beta")
 
 
-# ---------------------------------------------------------------- Algorithm B
+# ---------------------------------------------------------------- iterative decoding
 def test_nothing_masked_returns_flow_output_bit_identical():
     net = tiny_latent_nat(tau=1.0)
     x_hat, codebook, color_map, cond = inputs()
@@ -635,7 +635,7 @@ def test_inference_buffers_and_inplace_gelu_give_the_autograd_paths_values_bit_f
     assert torch.equal(only_u["uncertainty"], a["uncertainty"]) and only_u["soft_codes"] is None
 
 
-# ------------------------------------------------------- ablation knobs (nat.md §6.1)
+# ------------------------------------------------------- ablation knobs (docs/nat.md "Options")
 def test_margin_uncertainty_is_the_top2_probability_ratio_and_drives_the_mask():
     """``uncertainty.source: margin``: score = exp(-(d2 - d1) / T_d) = p0(2nd) / p0(1st), 1 at a tie; tau is its
     quantile and the initial mask is score > tau; the entropy stays reported."""

@@ -37,7 +37,7 @@ from glare_nat_models.nat_model import NAT_KNOB_LOCATIONS, binary_auroc, mfm_los
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
-#: nat.md §6.1, verbatim (the spec's defaults).
+#: docs/nat.md "Options", verbatim (the documented defaults).
 SPEC_61 = """
 nat2:
   enable: true
@@ -174,7 +174,7 @@ def test_every_spec_knob_has_a_yaml_key_with_the_spec_default():
         assert value == default, f"{knob} -> {where} = {value!r}, spec {default!r}"
         if knob.startswith("nat2.") and where.startswith("network_g.nat2."):  # Stage III uses the same NAT-II
             assert lookup(stage3, where) == default, f"train_stage3_nat.yml {where}"
-    # the cosine-to-0 schedule of the spec's optimiser
+    # the cosine-to-0 schedule of the documented optimiser
     assert stage2["train"]["scheduler"] == {"type": "CosineAnnealingRestartLR", "periods": [40000], "eta_min": 0}
     assert stage2["train"]["optim_g"]["type"] == "AdamW" and stage2["train"]["grad_clip"] == 1.0
     assert stage3["train"]["nat3"]["lr"] == 2e-4 and stage3["train"]["nat3"]["warmup"] == 1000
@@ -489,7 +489,7 @@ def test_validation_logs_nat_token_statistics_as_json(tmp_path, ckpts):
             ):
                 rgb = model.net_vq.decode_indices(codes)[0][..., : gt.shape[-2], : gt.shape[-1]]
                 psnr[name].append(db(rgb, gt))
-    for name, values in psnr.items():  # nat.md T8 oracle rows, each decoded independently here
+    for name, values in psnr.items():  # the oracle rows, each decoded independently here
         assert stats[f"psnr_{name}"] == pytest.approx(sum(values) / len(values), abs=1e-4), name
     assert stats["psnr_oracle_flow_codes"] != stats["psnr_oracle_all_gt"]
     v0, vt, y, m0, ent = (torch.cat(t) for t in (v0, vt, ys, m0, ent))

@@ -10,7 +10,7 @@ import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.quantize import VectorQuantizer
 from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES, StateDictMismatchError
 
-F64 = dict(rtol=1e-6, atol=1e-5)  # golden README §6: float64 vs stored float64
+F64 = dict(rtol=1e-6, atol=1e-5)  # tests/data/README.md: float64 vs stored float64
 F64_STORED_F32 = dict(rtol=1e-5, atol=1e-5)  # float64 vs tensors stored as float32
 F32 = dict(rtol=1e-4, atol=1e-4)
 
@@ -114,7 +114,7 @@ def test_official_size_matches_vqgan_pkl_layout():
     with torch.device("meta"):
         net = GLAREVQGAN()
     sd = net.state_dict()
-    assert len(sd) == 255  # design/glare.md §7
+    assert len(sd) == 255  # docs/glare.md "State-dict names"
     assert sum(v.numel() for v in sd.values()) == 60_581_022
     assert sd["quantize.embedding.weight"].shape == (8192, 3)
 
