@@ -45,9 +45,6 @@ ROWS = [
     ("GLARE + NAT (latent and decoder)", "stage3_nat_dual", "options/demo/test_stage3_nat.yml"),
 ]
 
-#: Folders shown in the image grid, left to right (besides input and ground truth).
-GRID = ["stage2", "stage3", "stage3_nat_dual"]
-
 
 def run(cmd: list[str], timings: list[tuple[str, float]], label: str) -> None:
     """Run one step from the repo root, echo the command, stop the demo with its output on failure."""
@@ -95,100 +92,89 @@ def parse_losses(log: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_losses(path: Path) -> list[str]:
-    """One subplot per training run; returns the runs plotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = []
-    for name, _opt in TRAININGS:
-        logs = sorted((ROOT / "experiments" / name).glob("train_*.log"))
-        if logs:
-            runs.append((name, parse_losses(logs[-1])))
-    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
-    for ax, (name, series) in zip(axes[0], runs):
-        for term, pts in series.items():
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=term)
-        ax.set_title(name.replace("demo_", ""), fontsize=9)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [r[0] for r in runs]
-
-
-def image_grid(path: Path) -> list[str]:
-    """Rows = test images; columns = input | GRID models | ground truth (uint8 PNG)."""
-    import numpy as np
-
-    from glare_nat_data.image_io import list_images, read_image, write_image
-
-    cols = ["input", *[g for g in GRID if (OUT / g / "images").is_dir()]]
-    gts = list_images(ROOT / DATA / "eval15" / "high")
-    rows = []
-    for gt_path in gts:
-        tiles = []
-        for col in cols:
-            found = list((OUT / col / "images").rglob(f"{gt_path.stem}.png"))
-            if not found:
-                raise FileNotFoundError(f"demo grid: no output image {gt_path.stem}.png under {OUT / col}")
-            tiles.append(read_image(found[0]))
-        tiles.append(read_image(gt_path))
-        rows.append(np.concatenate(tiles, axis=1))
-    write_image(path, (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
-    return [*cols, "ground truth"]
+#: short column labels of the image grid
+GRID_LABELS = {
+    "input": "input",
+    "baseline": "RRDBNet",
+    "stage2": "stage II",
+    "stage2_nat": "II + NAT",
+    "stage3": "stage III",
+    "stage3_nat_latent": "III + NAT-II",
+    "stage3_nat_dual": "III + NAT-II/III",
+}
 
 
 def write_report(timings: list[tuple[str, float]]) -> Path:
+    """``results/demo/report.md`` (see scripts/demo_report.py): every row, statistic and picture explained."""
+    import demo_report as R
+    import yaml
+
+    out = ROOT / OUT
+    times = dict(timings)
+    train_opt = yaml.safe_load((ROOT / TRAININGS[0][1]).read_text())
+    metric_lines, values, protocols = R.metric_rows(ROWS, out)
     lines = [
         "# glare-nat demo report",
         "",
-        "Everything below was measured by `make demo` (`python scripts/run_demo.py`) on this machine, on the "
-        f"synthetic demo set `{DATA}` (made by `scripts/make_demo_lol.py` from scikit-image photos; tiny networks, "
-        "a few CPU iterations: a smoke test of the whole pipeline, not a LOL result).",
+        f"Measured by `make demo` (`python scripts/run_demo.py`): {R.machine()}. Total wall time "
+        f"{sum(times.values()):.0f} s. Other CPUs give other digits (other kernels, other rounding).",
         "",
-        "## Test-split metrics (both protocols)",
+        "This is a smoke test of the whole pipeline with tiny networks trained for a few hundred CPU iterations on a "
+        "toy data set. Its numbers say what each stage does at this size, nothing about LOL.",
         "",
-        "| model | PSNR | SSIM | PSNR (GT-mean) | SSIM (GT-mean) |",
-        "|---|---|---|---|---|",
+        "## Data",
+        "",
+        *R.data_summary(ROOT / DATA, train_opt),
+        "",
+        "## Trainings",
+        "",
+        *R.stage_rows(TRAININGS, times),
+        "",
+        *R.vqgan_validation(),
+        "## Test split, both metric protocols",
+        "",
+        *metric_lines,
+        "",
     ]
-    definitions = None
-    for label, folder, _opt in ROWS:
-        rec = json.loads((ROOT / OUT / folder / "results.json").read_text())
-        row = next(r for r in rec["results"] if float(r["brightness"]) == 1.0)
-        lines.append(
-            f"| {label} | {row['psnr']:.2f} | {row['ssim']:.4f} | {row['psnr_gtmean']:.2f} | {row['ssim_gtmean']:.4f} |"
-        )
-        definitions = rec.get("protocols", definitions)
+    if protocols:
+        lines += [f"- **{k}**: {v}" for k, v in protocols.items() if k in ("plain", "gtmean")]
     lines += [
+        "- SSIM is computed on RGB; LPIPS is not reported (it needs local AlexNet weights, and nothing downloads).",
         "",
-        "LPIPS is not reported: it needs local AlexNet weights (`--lpips-weights`), and nothing downloads.",
+        "What this run shows:",
+        "",
+        *R.metric_reading(values),
         "",
     ]
-    if definitions:
-        lines += ["Protocol definitions:", ""]
-        lines += [f"- **{k}**: {v}" for k, v in definitions.items() if k in ("plain", "gtmean")]
-        lines.append("")
     nat_stats = ROOT / "experiments" / "demo_stage2_nat" / "nat_val_stats_latest.json"  # written by GLARENATModel
     if nat_stats.is_file():
-        stats = json.loads(nat_stats.read_text())
-        lines += ["## NAT validation statistics (held-out training pairs)", ""]
-        lines += ["| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items()]
-        lines.append("")
-    cols = image_grid(ROOT / OUT / "grid.png")
-    runs = plot_losses(ROOT / OUT / "losses.png")
-    lines += [f"## Images: {' | '.join(cols)}", "", "![grid](grid.png)", ""]
-    lines += [f"## Training losses ({', '.join(runs)})", "", "![losses](losses.png)", ""]
-    lines += ["## Wall time of each step", "", "| step | seconds |", "|---|---|"]
+        lines += ["## Latent NAT: validation statistics (held-out training pairs)", ""]
+        lines += [*R.nat_rows(json.loads(nat_stats.read_text())), ""]
+    columns = [(GRID_LABELS.get(folder, folder), folder) for _label, folder, _opt in ROWS]
+    labels = R.labelled_grid(out / "grid.png", out, ROOT / DATA, columns)
+    runs = R.plot_curves(out / "curves.png", TRAININGS, parse_losses)
+    lines += [
+        "## Images",
+        "",
+        f"Each row is one test image; columns left to right: {', '.join(labels)}.",
+        "",
+        "![grid](grid.png)",
+        "",
+        "## Training curves",
+        "",
+        f"Top row: the losses of each training ({', '.join(runs)}); bottom row: the other logged statistics (e.g. "
+        "`d_weight`, `code_usage`, `logdet`), on a log scale where they span decades.",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## Wall time of each step",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {label} | {sec:.1f} |" for label, sec in timings]
     lines.append(f"| total | {sum(s for _, s in timings):.1f} |")
-    report = ROOT / OUT / "report.md"
+    report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
 
@@ -199,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-report", action="store_true", help="rebuild the report from existing results")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
     timings: list[tuple[str, float]] = []
     if not args.only_report:
         run([sys.executable, "scripts/make_demo_lol.py", "--out", str(DATA)], timings, "make demo data")
