@@ -494,7 +494,9 @@ def test_stage1_gan_range_ramp_codebook_init_and_usage(tmp_path, ckpts):
     net_g = model.get_bare_model(model.net_g)
     assert [model.gan_ramp(i) for i in (1, 2, 3, 5, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     seen = []
-    model.net_d.register_forward_hook(lambda m, args, out: seen.append((float(args[0].min()), float(args[0].max()))))
+    model.net_d.register_forward_hook(
+        lambda m, args, out: seen.append((float(args[0].detach().min()), float(args[0].detach().max())))
+    )
     data = batch(1)
     data["gt"] = torch.full_like(data["gt"], 0.5)
     data["gt"][:, :, :4] = 0.0
