@@ -240,10 +240,11 @@ def labelled_grid(path: Path, out: Path, data: Path, columns: list[tuple[str, st
         rows.append(np.concatenate(tiles, axis=1))
     labels = [label for label, _ in columns] + ["ground truth"]
     width = rows[0].shape[1] // len(labels)
-    header = np.ones((22, rows[0].shape[1], 3), dtype=np.float32)
+    header = np.full((22, rows[0].shape[1], 3), 255, dtype=np.uint8)
     for i, label in enumerate(labels):
         cv2.putText(header, label[:18], (i * width + 3, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
-    write_image(path, (np.concatenate([header, *rows], axis=0) * 255).round().astype(np.uint8))
+    body = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    write_image(path, np.concatenate([header, body], axis=0))
     return labels
 
 
