@@ -183,9 +183,9 @@ def metric_reading(values: dict) -> list[str]:
         b2, b3, base = (values[k]["psnr"] for k in ("stage2", "stage3", "baseline"))
         out.append(
             f"- Stage II {b2:.2f} dB, stage III {b3:.2f} dB, the RRDBNet baseline {base:.2f} dB (plain PSNR). "
-            "Stage III starts its 6-million-parameter decoder from scratch and trains it for 100 iterations here, so it can "
-            "trail stage II, whose output is the VQGAN's own decoding; in the images stage III keeps more detail "
-            "and more noise, stage II is smoother."
+            "Stage III starts its 6-million-parameter decoder from scratch and trains it for 100 iterations here, so "
+            "it can trail stage II, whose output is the VQGAN's own decoding; in the images stage III keeps more "
+            "detail and more noise, stage II is smoother."
         )
     for a, b, what in (
         ("stage2", "stage2_nat", "the latent NAT on stage II"),
