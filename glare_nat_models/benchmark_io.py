@@ -199,10 +199,9 @@ def write_summary_md(path: Path, summary: list[dict], record: dict) -> None:
         cols = [("niqe", "NIQE", 4), ("mean_brightness", "mean brightness", 4), ("colourfulness", "colourfulness", 2)]
         key_cols = [("dataset", "set"), ("n", "n"), ("niqe_n", "n (NIQE)")]
         lines += ["## Unpaired sets (no reference)", ""] + _table(unpaired, key_cols, cols + _RUNTIME_COLS) + [""]
-        for name, info in record.get("datasets", {}).items():
-            for skip in info.get("skipped", []):
-                lines.append(f"- {name}: skipped unreadable `{skip['file']}`: {skip['error']}")
-        lines.append("")
+        skipped = [(n, s) for n, info in record.get("datasets", {}).items() for s in info.get("skipped", [])]
+        lines += [f"- {n}: skipped unreadable `{s['file']}`: {s['error']}" for n, s in skipped]
+        lines += [""] if skipped else []
     dev = record.get("device", {})
     lines += ["## Runtime", ""]
     lines.append(

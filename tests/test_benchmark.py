@@ -376,3 +376,28 @@ def test_no_reference_metrics_by_hand():
     assert colourfulness(np.full((8, 8, 3), 77, np.uint8)) == 0.0
     assert mean_brightness(red) == pytest.approx(0.299, abs=1e-12)
     assert np.isnan(niqe_score(np.full((200, 200, 3), 90, np.uint8)))  # flat: undefined, not an exception
+
+
+def test_runtime_meter_cuda_path_reads_the_allocator_counters(monkeypatch):
+    """The CUDA branch (no GPU needed): synchronised around the call, peak = max_memory_allocated after a reset."""
+    from glare_nat_models.benchmark_runtime import RuntimeMeter
+
+    calls, mib = [], 2**20
+    state = {"allocated": 100 * mib, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+
+    def model(size_mib: int) -> str:
+        calls.append("model")
+        state["peak"] = state["allocated"] + size_mib * mib
+        return "out"
+
+    meter = RuntimeMeter(torch.device("cuda"))
+    meter.warmup(model, 999)
+    assert meter.call(model, 30) == "out" and meter.call(model, 10) == "out"
+    assert calls == ["model", "sync"] + ["sync", "model", "sync"] * 2
+    summary = meter.summary()
+    assert summary["peak_mem_mib"] == 130.0 and summary["mem_increase_mib"] == 30.0 and summary["n_timed"] == 2
+    assert summary["latency_ms"] == pytest.approx(1000 * float(np.median(meter.seconds)))
