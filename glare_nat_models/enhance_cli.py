@@ -46,7 +46,16 @@ from glare_nat_models.inference import (
 )
 from glare_nat_models.progress import LayerProgress, model_networks
 
-__all__ = ["SourceImage", "load_source", "restore_layout", "output_paths", "enhance_array", "main"]
+__all__ = [
+    "SourceImage",
+    "load_source",
+    "restore_layout",
+    "output_paths",
+    "enhance_array",
+    "parse_tile",
+    "parse_overrides",
+    "main",
+]
 
 
 @dataclass
@@ -154,7 +163,8 @@ def enhance_array(fn, rgb: np.ndarray, device: torch.device, **tiling) -> np.nda
     return y[0].permute(1, 2, 0).cpu().numpy()
 
 
-def _parse_tile(value: str) -> int | str | None:
+def parse_tile(value: str) -> int | str | None:
+    """``--tile`` value: ``'auto'``, ``0`` (-> None: whole image) or a positive tile side (argparse type)."""
     if value.lower() == "auto":
         return "auto"
     try:
@@ -189,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument(
         "--tile",
-        type=_parse_tile,
+        type=parse_tile,
         default="auto",
         help="tile side in pixels; 0 = whole image; auto (default) = fit free GPU memory (no tiling on CPU)",
     )

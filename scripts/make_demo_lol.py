@@ -20,11 +20,17 @@ Low-light synthesis, per pair, on ``x`` = ground truth in [0, 1] (a simple camer
    full-well ``Q ~ U(300, 1500)`` photo-electrons at saturation and read noise ``s ~ U(0.001, 0.004)``.
 5. Gamma back to sRGB: ``y = clip(L, 0, 1) ** (1 / 2.2)``, quantised to 8 bits.
 
+Unpaired set (``--unpaired DIR``, off by default; ``make demo`` uses ``datasets/demo_lol/unpaired``): the first
+``--n-unpaired`` of the four photos, whole (not cropped), resized with area interpolation so that the longer side is
+``--unpaired-size`` (320: at least two 96x96 blocks, as NIQE needs), darkened by the same steps 1-5, written as
+``DIR/<photo>.png`` without ground truth (sizes differ from photo to photo).
+
 Deterministic: the same arguments give byte-identical files (``numpy.random.default_rng(seed)``, PNG
 written by OpenCV). Idempotent: re-running overwrites the files and removes stale ``demo*.png`` files
 left in the four folders by a larger earlier run; other files there are left alone.
 
-Usage: ``python scripts/make_demo_lol.py --out datasets/demo_lol --size 96x128 --n-train 24 --n-test 6``
+Usage: ``python scripts/make_demo_lol.py --out datasets/demo_lol --size 96x128 --n-train 24 --n-test 6
+[--unpaired datasets/demo_lol/unpaired --n-unpaired 4 --unpaired-size 320]``
 """
 
 from __future__ import annotations
@@ -109,6 +115,27 @@ def make_demo(out: Path, size: tuple[int, int], n_train: int, n_test: int, seed:
     return counts
 
 
+def make_unpaired(out: Path, n: int, long_side: int, seed: int = 0) -> list[str]:
+    """Write ``n`` whole photos, resized to ``long_side`` and darkened, to ``out`` (no ground truth); their names.
+
+    Re-running removes ``<photo>.png`` files of the other bundled photos left by a larger earlier run.
+    """
+    if not 1 <= n <= len(PHOTOS):
+        raise ValueError(f"--n-unpaired must be in [1, {len(PHOTOS)}], got {n}")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the paired set does not change
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{name}.png" for name in PHOTOS[:n]]
+    for stale in (out / f"{name}.png" for name in PHOTOS[n:]):
+        stale.unlink(missing_ok=True)
+    for name, photo in zip(names, load_photos()):
+        h, w = photo.shape[:2]
+        scale = long_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        _write_png(out / name, synthesize_low_light(cv2.resize(photo, size, interpolation=interp), rng))
+    return names
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``'96x128'`` -> (96, 128) as (H, W); ``'96'`` -> (96, 96)."""
     parts = text.lower().split("x")
@@ -128,12 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=24, help="training pairs (our485)")
     parser.add_argument("--n-test", type=int, default=6, help="test pairs (eval15)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unpaired", type=Path, help="also write darkened whole photos (no ground truth) here")
+    parser.add_argument("--n-unpaired", type=int, default=4, help=f"photos in --unpaired (1-{len(PHOTOS)}, default 4)")
+    parser.add_argument("--unpaired-size", type=int, default=320, help="longer side of the --unpaired photos")
     args = parser.parse_args(argv)
     if args.n_train < 1 or args.n_test < 1:
         parser.error("--n-train and --n-test must be at least 1")
+    if not 1 <= args.n_unpaired <= len(PHOTOS) or not 8 <= args.unpaired_size <= 2048:
+        parser.error(f"--n-unpaired must be in [1, {len(PHOTOS)}] and --unpaired-size in [8, 2048]")
     counts = make_demo(args.out, args.size, args.n_train, args.n_test, args.seed)
     h, w = args.size
     print(f"wrote {counts['our485']} train + {counts['eval15']} test pairs of {w}x{h} (WxH) to {args.out}")
+    if args.unpaired is not None:
+        names = make_unpaired(args.unpaired, args.n_unpaired, args.unpaired_size, args.seed)
+        print(f"wrote {len(names)} unpaired photos (longer side {args.unpaired_size}) to {args.unpaired}")
     return 0
 
 

@@ -4,7 +4,9 @@ Each step is an ordinary command a user could type (printed before it runs): the
 ``basicsr/train.py`` / ``basicsr/test.py`` with the options in ``options/demo/``, and the benchmark CLI
 (``scripts/benchmark_lol.py``) on the demo test split. The report holds the metrics of every model in both
 protocols (plain and GT-mean), an image grid (input | stage II | stage III | ... | ground truth), a plot of the
-training losses and the wall time of every step, all measured by this run.
+training losses and the wall time of every step, all measured by this run. Evaluation extras (:func:`benchmark_extras`):
+NIQE rows of the low-light input and the dual-NAT model on a folder of darkened photos without ground truth, and the
+dual-NAT model's decoding rounds T = 2 / 4 / 6 from one checkpoint (``--sweep``), with latency and peak memory.
 
 Usage: ``python scripts/run_demo.py [--skip-train] [--only-report]``.
 """
@@ -45,6 +47,19 @@ ROWS = [
     ("GLARE + NAT (latent and decoder)", "stage3_nat_dual", "options/demo/test_stage3_nat.yml"),
 ]
 
+#: Darkened whole photos without ground truth (``make_demo_lol.py --unpaired``), and the evaluation extras:
+#: (benchmark folder, arguments). The sweep's T = 4 is the option file's own value (the nat2 default).
+UNPAIRED = DATA / "unpaired"
+SWEEP_KEY = "network_g.nat2.decode.iters"
+EXTRAS = [
+    ("unpaired_input", ["--identity", "--unpaired", f"dark={UNPAIRED}"]),
+    (
+        "sweep_nat_rounds",
+        ["-opt", "options/demo/test_stage3_nat.yml", "--lolv1", str(DATA), "--unpaired", f"dark={UNPAIRED}"]
+        + ["--sweep", f"{SWEEP_KEY}=2,4,6"],
+    ),
+]
+
 
 def run(cmd: list[str], timings: list[tuple[str, float]], label: str) -> None:
     """Run one step from the repo root, echo the command, stop the demo with its output on failure."""
@@ -72,6 +87,53 @@ def benchmark_all(timings: list[tuple[str, float]]) -> None:
         cmd += ["--brightness", "1.0", "--save-images", "--quiet", "--grid-count", "0"]
         cmd += ["--identity"] if opt is None else ["-opt", opt]
         run(cmd, timings, f"benchmark {folder}")
+
+
+def benchmark_extras(timings: list[tuple[str, float]]) -> None:
+    """The input and the dual-NAT model on the unpaired photos, and the decoding-rounds sweep (one process)."""
+    for folder, extra in EXTRAS:
+        cmd = [sys.executable, "scripts/benchmark_lol.py", *extra, "--out", str(OUT / folder)]
+        run(cmd + ["--brightness", "1.0", "--quiet", "--grid-count", "0"], timings, f"benchmark {folder}")
+
+
+def extras_report() -> list[str]:
+    """Report sections of :func:`benchmark_extras` (empty where its results are missing)."""
+    recs = {f: ROOT / OUT / f / "results.json" for f, _ in EXTRAS}
+    if not all(p.is_file() for p in recs.values()):
+        return ["## Unpaired photos and decoding rounds", "", "Not run (`results/demo/sweep_nat_rounds` missing).", ""]
+    inp, sweep = (json.loads(p.read_text()) for p in recs.values())
+
+    def label(row: dict) -> str:
+        t = row["setting"].split("=")[1]
+        return f"GLARE + NAT (latent and decoder), T = {t}" + (" (option file)" if t == "4" else "")
+
+    def runtime(row: dict) -> str:
+        mem = "n/a" if row["peak_mem_mib"] is None else f"{row['peak_mem_mib']:.0f}"
+        return f"{row['latency_ms']:.1f} | {mem}"
+
+    n_files = inp["datasets"]["dark"]["n_images"]
+    lines = ["## Unpaired photos (no reference)", ""]
+    lines.append(
+        f"`{UNPAIRED}`: {n_files} whole scikit-image photos darkened by the demo's low-light model, longer side 320, "
+        "no ground truth (`make_demo_lol.py --unpaired`). NIQE: lower = more natural."
+    )
+    lines += ["", "| model | n (NIQE) | NIQE | mean brightness | colourfulness | latency (ms) | peak mem (MiB) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    rows = [("low-light input (identity)", r) for r in inp["results"]]
+    rows += [(label(r), r) for r in sweep["results"] if r["kind"] == "unpaired"]
+    for name, r in rows:
+        cells = f"{r['niqe_n']} | {float(r['niqe']):.3f} | {r['mean_brightness']:.3f} | {r['colourfulness']:.1f}"
+        lines.append(f"| {name} | {cells} | {runtime(r)} |")
+    lines += ["", f"## NAT decoding rounds T (dual-NAT model, one checkpoint, `--sweep {SWEEP_KEY}=2,4,6`)", ""]
+    lines += ["| T | PSNR | SSIM | PSNR (GT-mean) | SSIM (GT-mean) | latency (ms) | peak mem (MiB) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in (r for r in sweep["results"] if r["kind"] == "paired"):
+        cells = f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['psnr_gtmean']:.2f} | {r['ssim_gtmean']:.4f}"
+        lines.append(f"| {r['setting'].split('=')[1]} | {cells} | {runtime(r)} |")
+    dev = sweep["device"]
+    lines += ["", f"Runtime on {dev['type']} ({dev['name']}, {dev['torch_threads']} thread(s)), per image.", ""]
+    lines += [f"- **{k}**: {sweep['protocols'][k]}" for k in ("niqe", "mean_brightness", "colourfulness", "runtime")]
+    return lines + [""]
 
 
 LOSS_RE = re.compile(r"iter:\s*([\d,]+).*?\]\s*(.*)$")
@@ -150,6 +212,7 @@ def write_report(timings: list[tuple[str, float]]) -> Path:
     if nat_stats.is_file():
         lines += ["## Latent NAT: validation statistics (held-out training pairs)", ""]
         lines += [*R.nat_rows(json.loads(nat_stats.read_text())), ""]
+    lines += extras_report()
     columns = [(GRID_LABELS.get(folder, folder), folder) for _label, folder, _opt in ROWS]
     labels = R.labelled_grid(out / "grid.png", out, ROOT / DATA, columns)
     runs = R.plot_curves(out / "curves.png", TRAININGS, parse_losses)
@@ -188,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
     timings: list[tuple[str, float]] = []
     if not args.only_report:
-        run([sys.executable, "scripts/make_demo_lol.py", "--out", str(DATA)], timings, "make demo data")
+        make_data = [sys.executable, "scripts/make_demo_lol.py", "--out", str(DATA), "--unpaired", str(UNPAIRED)]
+        run(make_data, timings, "make demo data")
         if not args.skip_train:
             train_all(timings)
         benchmark_all(timings)
+        benchmark_extras(timings)
     saved = ROOT / OUT / "timings.json"
     if timings:
         saved.parent.mkdir(parents=True, exist_ok=True)

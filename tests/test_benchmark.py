@@ -115,6 +115,11 @@ def test_model_run_is_reproducible_and_recorded(trees, tmp_path):
     for rec in (first, second):
         rec.pop("created")
         rec.pop("timing")
+        for row in rec["results"]:  # runtime columns: measured, present, not reproducible
+            assert row.pop("latency_ms") > 0
+            peak, increase = row.pop("peak_mem_mib"), row.pop("mem_increase_mib")
+            if Path("/proc/self/clear_refs").exists():  # Linux: peak RSS of the process during the call
+                assert peak > 0 and 0 <= increase <= peak
     assert first == second
     # the model really ran: neither identity nor perfect
     rows = _read_csv(out / "per_image.csv")
@@ -130,6 +135,9 @@ def test_model_run_is_reproducible_and_recorded(trees, tmp_path):
     assert first["versions"]["torch"] == torch.__version__.split("+")[0]
     assert set(first["protocols"]) >= {"plain", "gtmean"} and "bt601" in first["protocols"]["gtmean"]
     assert first["device"]["type"] == "cpu" and first["datasets"]["lolv1"]["n_images"] == N
+    assert first["device"]["name"] and "median" in first["protocols"]["runtime"]
+    md = (out / "summary.md").read_text()
+    assert "| latency (ms) | peak mem (MiB) |" in md and first["device"]["name"] in md
     grid = cv2.imread(str(out / "grids" / "lolv1_x1.png"))
     assert grid.shape == (N * (H + 4), 3 * W, 3)  # rows: input | output | GT, 4 px gap
 
@@ -192,3 +200,204 @@ def test_setup_errors_exit_2_with_message(trees, tmp_path, capsys):
     assert "nope.pth" in capsys.readouterr().err
     assert _run(*args, "--lpips-weights", tmp_path / "alex.pth") == 2
     assert "alex.pth" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ unpaired sets, --folders, sweeps
+def _photo(name: str, hw: tuple[int, int], gain: float) -> np.ndarray:
+    """A darkened scikit-image photo (bundled, offline) resized to ``hw``, uint8 BGR."""
+    from skimage import data as skdata
+
+    rgb = cv2.resize(getattr(skdata, name)()[:, :, :3], (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+    return np.clip(rgb[:, :, ::-1] * gain, 0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """JPEG, PNG, BMP photos of odd sizes, one too small for NIQE, a zero-byte PNG and a stray text file."""
+    folder = tmp_path_factory.mktemp("unpaired") / "dark"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "astronaut.jpg"), _photo("astronaut", (201, 243), 0.3))
+    cv2.imwrite(str(folder / "coffee.png"), _photo("coffee", (194, 290), 0.2))
+    cv2.imwrite(str(folder / "chelsea.bmp"), _photo("chelsea", (210, 301), 0.4))
+    cv2.imwrite(str(folder / "small.png"), _photo("rocket", (90, 130), 0.3))  # < two 96x96 blocks
+    (folder / "broken.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _niqe(path: Path) -> float:
+    from basicsr.metrics import calculate_niqe
+
+    return float(calculate_niqe(cv2.imread(str(path)), 0, input_order="HWC", convert_to="y"))
+
+
+def _colourfulness_rgb(rgb: np.ndarray) -> float:
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    rg, yb = r - g, (r + g) / 2 - b
+    return np.sqrt(rg.var() + yb.var()) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+
+
+def test_unpaired_identity_niqe_is_basicsr_and_bad_files_are_skipped(photos, tmp_path, capsys):
+    out = tmp_path / "id"
+    assert _run("--identity", "--unpaired", photos, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "empty" in err
+    rows = _read_csv(out / "per_image.csv")
+    assert [r["image"] for r in rows] == ["astronaut.jpg", "chelsea.bmp", "coffee.png", "small.png"]
+    for r in rows[:3]:  # identity: the output is the file's own uint8 image
+        assert float(r["niqe"]) == _niqe(photos / r["image"])  # BGR, as BasicSR reads it
+        rgb = cv2.imread(str(photos / r["image"]))[:, :, ::-1]
+        assert float(r["mean_brightness"]) == pytest.approx((rgb @ [0.299, 0.587, 0.114]).mean() / 255, abs=1e-12)
+        assert float(r["colourfulness"]) == pytest.approx(_colourfulness_rgb(rgb), rel=1e-9)
+    assert rows[3]["niqe"] == "nan"  # 90 x 130: fewer than two 96 x 96 blocks
+    record = json.loads((out / "results.json").read_text())
+    (row,) = record["results"]
+    assert row["kind"] == "unpaired" and row["dataset"] == "dark" and row["n"] == 4 and row["niqe_n"] == 3
+    assert row["niqe"] == pytest.approx(np.mean([float(r["niqe"]) for r in rows[:3]]))
+    assert record["datasets"]["dark"]["n_images"] == 4
+    assert [s["file"] for s in record["datasets"]["dark"]["skipped"]] == ["broken.png"]
+    assert {"niqe", "mean_brightness", "colourfulness", "runtime"} <= set(record["protocols"])
+    assert "convert_to='y'" in record["protocols"]["niqe"]
+    md = (out / "summary.md").read_text()
+    assert "## Unpaired sets (no reference)" in md and "broken.png" in md and "small.png" in md
+    assert "| set | n | n (NIQE) | NIQE | mean brightness | colourfulness | latency (ms) | peak mem (MiB) |" in md
+    assert (out / "grids" / "dark_x1.png").is_file()
+
+
+def test_unpaired_model_niqe_is_that_of_the_saved_output(photos, tmp_path):
+    yml = tiny_model_options(tmp_path)
+    out = tmp_path / "model"
+    args = ["-opt", yml, "--unpaired", f"night={photos}", "--out", out, "--save-images", "--device", "cpu"]
+    assert _run(*args, "--grid-count", "0") == 0
+    rows = _read_csv(out / "per_image.csv")
+    assert {r["dataset"] for r in rows} == {"night"} and len(rows) == 4
+    for r in rows[:3]:
+        saved = out / "images" / "night_x1" / f"{Path(r['image']).stem}.png"
+        assert cv2.imread(str(saved)).shape == cv2.imread(str(photos / r["image"])).shape  # any size in = out
+        assert float(r["niqe"]) == _niqe(saved)
+        assert float(r["niqe"]) != _niqe(photos / r["image"])  # the model ran
+
+
+def test_folder_without_readable_image_is_an_error_with_all_problems(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"")
+    (bad / "b.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    assert _run("--identity", "--unpaired", bad, "--lolv1", tmp_path / "nope", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"folder '{bad}' has no readable image" in err and "a.png" in err and "b.jpg" in err
+    assert str(tmp_path / "nope") in err  # the other problem is reported too
+    assert not out.exists()
+
+
+def test_folders_layout_evaluates_any_low_high_tree(tmp_path):
+    root = tmp_path / "mine"
+    _write_pairs(root / "low", root / "high", [("a.png", "a.png"), ("b.png", "b.png")], 5)
+    out = tmp_path / "f"
+    assert _run("--identity", "--folders", root, "--folders", f"again={root}", "--brightness", "1", "--out", out) == 0
+    rows = _read_csv(out / "per_image.csv")
+    assert [(r["dataset"], r["image"]) for r in rows] == [(d, n) for d in ("mine", "again") for n in ("a", "b")]
+    for r in rows:
+        lq, gt = (cv2.imread(str(root / sub / f"{r['image']}.png")) for sub in ("low", "high"))
+        assert float(r["psnr"]) == pytest.approx(_psnr_u8(lq, gt), abs=1e-9)
+    record = json.loads((out / "results.json").read_text())
+    assert record["datasets"]["mine"]["layout"] == "folders" and record["datasets"]["again"]["n_images"] == 2
+
+
+def _comparable(out: Path) -> tuple[list[dict], list[dict]]:
+    """Per-image rows and summary rows without the setting label and the runtime columns."""
+    rows = [{k: v for k, v in r.items() if k != "setting"} for r in _read_csv(out / "per_image.csv")]
+    drop = {"setting", "latency_ms", "peak_mem_mib", "mem_increase_mib"}
+    results = json.loads((out / "results.json").read_text())["results"]
+    return rows, [{k: v for k, v in s.items() if k not in drop} for s in results]
+
+
+def test_sweep_rows_equal_separate_set_runs(trees, photos, tmp_path):
+    yml = tiny_model_options(tmp_path, act_type="relu")  # relu and leakyrelu have no weights: both load strictly
+    common = ["-opt", yml, "--lolv1", trees["lolv1"], "--unpaired", photos, "--brightness", "0.5,1", "--device", "cpu"]
+    assert _run(*common, "--sweep", "network_g.act_type=relu,leakyrelu", "--out", tmp_path / "sweep") == 0
+    rows, summary = _comparable(tmp_path / "sweep")
+    settings = [r["setting"] for r in _read_csv(tmp_path / "sweep" / "per_image.csv")]
+    assert settings == ["network_g.act_type=relu"] * 10 + ["network_g.act_type=leakyrelu"] * 10
+    for k, value in enumerate(("relu", "leakyrelu")):
+        assert _run(*common, "--set", f"network_g:act_type={value}", "--out", tmp_path / value) == 0
+        single_rows, single_summary = _comparable(tmp_path / value)
+        assert rows[10 * k : 10 * (k + 1)] == single_rows  # byte-equal CSV cells
+        assert summary[3 * k : 3 * (k + 1)] == single_summary
+    assert rows[:10] != rows[10:]  # the swept option really changed the model
+    record = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert record["sweep"] == {"key": "network_g.act_type", "values": ["relu", "leakyrelu"]}
+    assert [s["overrides"] for s in record["settings"]] == [{"network_g.act_type": v} for v in ("relu", "leakyrelu")]
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| setting | test set |" in md and "| network_g.act_type=leakyrelu | dark | 4 | 3 |" in md
+    assert (tmp_path / "sweep" / "grids" / "network_g.act_type=relu" / "lolv1_x0.5.png").is_file()
+
+
+def test_sweep_key_of_the_nat_decoding_rounds_reaches_the_network():
+    """The documented key of the decoding rounds T builds the dual-NAT demo network with T rounds."""
+    from basicsr.archs import build_network
+
+    from glare_nat_models.inference import load_options
+
+    root = Path(__file__).resolve().parents[1]
+    for t in (2, 6):
+        opt = load_options(root / "options/demo/test_stage3_nat.yml", {"network_g.nat2.decode.iters": t})
+        assert build_network(opt["network_g"]).nat2.iters == t
+    assert (
+        load_options(root / "options/test_glare_nat_lol.yml", {"network_g.nat2.decode.iters": 6})["network_g"]["nat2"][
+            "decode"
+        ]["iters"]
+        == 6
+    )
+
+
+def test_sweep_and_set_errors_are_named(trees, tmp_path, capsys):
+    assert _run("--identity", "--lolv1", trees["lolv1"], "--sweep", "a=1,2", "--out", tmp_path) == 2
+    assert "need -opt" in capsys.readouterr().err
+    yml = tiny_model_options(tmp_path)
+    base = ["-opt", yml, "--lolv1", trees["lolv1"], "--out", tmp_path / "x"]
+    assert _run(*base, "--sweep", "a=1,1") == 2
+    assert "repeats a value" in capsys.readouterr().err
+    assert _run(*base, "--sweep", "a=1", "--sweep", "b=2") == 2
+    assert "one --sweep" in capsys.readouterr().err
+    assert _run(*base, "--sweep", "path.pretrain_network_g=nope1.pth,nope2.pth") == 2
+    err = capsys.readouterr().err
+    assert "nope1.pth' does not exist" in err and "nope2.pth' does not exist" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_reference_metrics_by_hand():
+    from glare_nat_models.benchmark_metrics import colourfulness, mean_brightness, niqe_score
+
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 2] = 255  # BGR
+    assert colourfulness(red) == pytest.approx(0.3 * np.hypot(255, 127.5), rel=1e-12)
+    assert colourfulness(np.full((8, 8, 3), 77, np.uint8)) == 0.0
+    assert mean_brightness(red) == pytest.approx(0.299, abs=1e-12)
+    assert np.isnan(niqe_score(np.full((200, 200, 3), 90, np.uint8)))  # flat: undefined, not an exception
+
+
+def test_runtime_meter_cuda_path_reads_the_allocator_counters(monkeypatch):
+    """The CUDA branch (no GPU needed): synchronised around the call, peak = max_memory_allocated after a reset."""
+    from glare_nat_models.benchmark_runtime import RuntimeMeter
+
+    calls, mib = [], 2**20
+    state = {"allocated": 100 * mib, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+
+    def model(size_mib: int) -> str:
+        calls.append("model")
+        state["peak"] = state["allocated"] + size_mib * mib
+        return "out"
+
+    meter = RuntimeMeter(torch.device("cuda"))
+    meter.warmup(model, 999)
+    assert meter.call(model, 30) == "out" and meter.call(model, 10) == "out"
+    assert calls == ["model", "sync"] + ["sync", "model", "sync"] * 2
+    summary = meter.summary()
+    assert summary["peak_mem_mib"] == 130.0 and summary["mem_increase_mib"] == 30.0 and summary["n_timed"] == 2
+    assert summary["latency_ms"] == pytest.approx(1000 * float(np.median(meter.seconds)))

@@ -84,3 +84,24 @@ def test_parse_size(demo_module):
     for bad in ("x", "4x4", "96x128x3"):
         with pytest.raises(argparse.ArgumentTypeError, match="--size"):
             demo_module.parse_size(bad)
+
+
+def test_unpaired_photos_are_dark_whole_deterministic_and_niqe_sized(tmp_path, demo_module):
+    a = demo_module.make_unpaired(tmp_path / "a", n=3, long_side=200, seed=1)
+    assert a == ["astronaut.png", "coffee.png", "chelsea.png"]
+    _run(tmp_path / "p", "--unpaired", str(tmp_path / "b"), "--n-unpaired", "3", "--unpaired-size", "200")
+    b = _files(tmp_path / "b")
+    _run(tmp_path / "q")
+    assert _files(tmp_path / "p") == _files(tmp_path / "q")  # the paired set does not depend on --unpaired
+    assert sorted(b) == sorted(a) and b != _files(tmp_path / "a")  # seed 3 (ARGS) vs seed 1
+    _run(tmp_path / "p", "--unpaired", str(tmp_path / "b"), "--n-unpaired", "3", "--unpaired-size", "200")
+    assert _files(tmp_path / "b") == b  # deterministic
+    photos = demo_module.load_photos()
+    for name, photo in zip(a, photos):
+        img = read_image(tmp_path / "a" / name)
+        h, w = img.shape[:2]
+        assert max(h, w) == 200 and (h // 96) * (w // 96) >= 2  # NIQE needs two whole 96 x 96 blocks
+        assert abs(img.shape[0] / img.shape[1] - photo.shape[0] / photo.shape[1]) < 0.02
+        assert img.mean() < 0.6 * photo.mean() / 255 and img.std() > 0
+    demo_module.make_unpaired(tmp_path / "a", n=1, long_side=200, seed=1)
+    assert sorted(_files(tmp_path / "a")) == ["astronaut.png"]  # stale photos of the larger run removed
