@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,35 +10,21 @@ import torch
 import glare_nat_arch  # noqa: F401  (compat shims before any basicsr import)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN_NAME = "glare_official_tiny.pt"
+#: golden tensors of the official GLARE code (provenance, keys and how to regenerate: tests/data/README.md)
+GOLDEN_PATH = REPO_ROOT / "tests" / "data" / "glare_official_tiny.pt"
 
 
-def golden_path() -> Path | None:
-    """Location of the official-code golden tensors (env GLARE_GOLDEN, else ../shared/golden/)."""
-    candidates = []
-    if os.environ.get("GLARE_GOLDEN"):
-        candidates.append(Path(os.environ["GLARE_GOLDEN"]))
-    candidates.append(REPO_ROOT.parent / "shared" / "golden" / _GOLDEN_NAME)
-    candidates.append(REPO_ROOT / "tests" / "data" / _GOLDEN_NAME)
-    for c in candidates:
-        if c.is_file():
-            return c
-    return None
+def load_golden(path: Path = GOLDEN_PATH) -> dict:
+    """The golden dict at ``path``; a missing file fails the test (it is part of the repository), never skips it."""
+    if not path.is_file():
+        pytest.fail(f"golden tensors {path} are missing (they are part of the repository: restore the file)")
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    """The golden dict of ``glare_official_tiny.pt`` (see shared/golden/README.md).
-
-    In CI (``CI=true``) a missing file is a failure, never a skip.
-    """
-    path = golden_path()
-    if path is None:
-        msg = f"golden tensors {_GOLDEN_NAME} not found (set GLARE_GOLDEN or place ../shared/golden/ beside the repo)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return torch.load(path, weights_only=True)
+    """The golden dict of ``tests/data/glare_official_tiny.pt`` (see tests/data/README.md)."""
+    return load_golden()
 
 
 @pytest.fixture(autouse=True, scope="session")
