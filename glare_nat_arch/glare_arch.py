@@ -90,7 +90,8 @@ class GLAREFlowNet(nn.Module):
     condition; flow ``flow_hidden_channels``, ``flow_L``, ``flow_K``, ``flow_n_extra_steps`` and the shape of the
     unused official conv ``flow_unused_f_in -> flow_unused_f_out``; ``row_stream_mb`` / ``row_stream_rows``: at
     inference on CPU, levels whose maps exceed ``row_stream_mb`` MiB run ``row_stream_rows`` rows at a time
-    (:mod:`glare_nat_arch.streaming`: same results, a fraction of the memory; None switches it off).
+    (:mod:`glare_nat_arch.streaming`: the same results up to float rounding, see there; a fraction of the memory;
+    None switches it off).
 
     Inputs: ``lq`` low-light images in [0, 1], (B, 3, H, W) with H, W multiples of ``downscale`` (4 officially).
     Latents are (B, z_channels, H/4, W/4).
@@ -252,7 +253,8 @@ class GLARENet(GLAREFlowNet):
         both decoders. At inference on large CPU inputs (row streaming, :mod:`glare_nat_arch.streaming`) the finest
         skip ``s0`` and NL feature ``n0`` are not kept from their networks' runs: ``D_MF`` recomputes ``s0`` (the
         encoder's first level) and computes ``n0`` (``D_NL``'s last level) when its last fusion needs them, so no
-        full-resolution map waits through the other networks (:meth:`defers_finest`; same results).
+        full-resolution map waits through the other networks (:meth:`defers_finest`; the same operations, so the same
+        results as the streamed levels give).
         Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with
         ``output`` plus (at the padded size) ``z_hat``, ``z_dec``, ``z_hat_quant``, ``z_hat_indices``, ``dnl_rgb``,
         ``n1``, ``n0``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1`` and the per-level fusion tensors.

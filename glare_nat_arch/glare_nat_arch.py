@@ -328,8 +328,9 @@ class _LatentNATMixin:
             z_nl, quant_nl = z_hat, None
         else:
             z_nl = torch.where(ref["mask_union"][:, None], ref["z_q"].to(z_hat.dtype), z_hat)
-            # never-masked positions keep v0 = the quantiser's nearest code of z_hat, so C[v^T] is z_nl quantised:
-            # no second nearest-code search over the K codes
+            # never-masked positions keep v0 = the quantiser's nearest code of z_hat (the same distances; with another
+            # row-block size only a near-tie within float rounding could go the other way), so C[v^T] is z_nl
+            # quantised: no second nearest-code search over the K codes
             quant_nl = ref["z_q"].to(z_hat.dtype)
         z_mf = ref["z_out"] if self.mf_input == "refined" else z_hat
         return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}

@@ -3,7 +3,7 @@
 Everything works on plain tensors (no BasicSR import):
 
 * :func:`knn_codes` - chunked squared distances from each latent vector to the codebook, keeping the
-  ``k`` nearest codes (never a full ``N x K`` matrix) plus the exact argmin (the quantiser's code).
+  ``k`` nearest codes (never a full ``N x K`` matrix) plus the argmin (the quantiser's code).
 * :func:`code_uncertainty` - ``p0 = softmax(-d / T_d)`` over those codes, normalised entropy, margin, and the
   uncertainty score that masks (the entropy, or a margin score: ``uncertainty.source``).
 * :func:`initial_mask` - ``M0 = [H > tau]`` capped at the ``rho_max * N`` highest-entropy positions.
@@ -70,10 +70,12 @@ def knn_codes(z: Tensor, codebook: Tensor, k: int, chunk: int = 2048) -> tuple[T
     """Squared distances to the ``k`` nearest codes, computed in row chunks.
 
     Distances are the quantiser's (:func:`~glare_nat_arch.quantize.squared_code_distances`, float32 or wider,
-    autocast off), so ``codes`` equals :meth:`VectorQuantizer.nearest_indices` (argmin, first index on ties).
+    autocast off), so ``codes`` equals :meth:`VectorQuantizer.nearest_indices` (argmin, first index on ties): exactly
+    when both search in row blocks of the same size, otherwise wherever two codes are not within float rounding of
+    a tie (another block size may round the distances differently in the last bit).
     ``codes`` is read off the sorted top-k where the nearest code is unique (``dist[..., 0] < dist[..., 1]``) and
     comes from ``argmin`` only at ties (or for ``k = 1``, or a codebook with non-finite entries): no second pass
-    over the ``chunk x K`` block for most rows, the same indices.
+    over the ``chunk x K`` block for most rows, the same indices as argmin over the same distances.
 
     Args:
         z: ``B x C x h x w`` latents.

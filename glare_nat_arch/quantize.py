@@ -24,17 +24,19 @@ def autocast_off(device_type: str):
 def squared_code_distances(rows: Tensor, codes: Tensor, code_sq: Tensor) -> Tensor:
     """The official squared L2 ``|z|^2 + |e|^2 - 2 z.e`` (N x K) of ``rows`` (N x d) to ``codes`` (K x d), with
     ``code_sq`` = ``|e|^2`` (K). Call it with autocast off and inputs in at least float32: the one distance of the
-    quantiser and of the NAT's code distribution, so both pick the same nearest code (first index on ties)."""
+    quantiser and of the NAT's code distribution, so both pick the same nearest code (first index on exact ties)
+    wherever float rounding cannot tip a near-tie (row blocks of other sizes may round differently, see
+    :func:`chunked_code_distances`)."""
     return (rows**2).sum(dim=1, keepdim=True) + code_sq - 2 * rows @ codes.t()
 
 
 def chunked_code_distances(rows: Tensor, codes: Tensor, chunk: int) -> Iterator[tuple[int, Tensor]]:
     """:func:`squared_code_distances` of ``rows`` (N x d) to ``codes`` (K x d), ``chunk`` rows at a time.
 
-    Yields ``(start, dist)`` with ``dist`` (n x K, n <= chunk) the distances of ``rows[start : start + n]``: the
-    operations of :func:`squared_code_distances` in the same order, so equal to its result up to float rounding (BLAS
-    may choose another kernel for a chunk's row count, e.g. MKL on AVX-512 CPUs: 1-ulp differences), and the same
-    nearest code wherever the runner-up is farther than that rounding. Every chunk is written into
+    Yields ``(start, dist)`` with ``dist`` (n x K, n <= chunk) the distances of ``rows[start : start + n]``: the same
+    operations in the same order as :func:`squared_code_distances`, so the same values up to float rounding (BLAS
+    libraries may pick another kernel for another row count: MKL's results then differ in the last bit), and the
+    same nearest codes wherever two codes are not within that rounding of a tie. Every chunk is written into
     two buffers allocated once instead of fresh ``chunk x K`` tensors (on CPU a fresh 32 MiB block is above glibc's
     mmap threshold, so the OS maps and zeroes it again each time): distances plus top-64 of 15,000 rows against 8192
     codes took 1.16-1.25 s with fresh blocks and 0.74-0.78 s with the buffers (2 threads). ``dist`` is overwritten

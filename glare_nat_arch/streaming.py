@@ -1,4 +1,5 @@
-"""Row-streamed inference of large resolution levels: the same math in a fraction of the memory.
+"""Row-streamed inference of large resolution levels: the same math in a fraction of the memory (results equal up
+to float rounding, see below).
 
 What is guaranteed: the same computation up to float rounding (a strip may run another convolution kernel than
 the whole map), hence outputs within float tolerance of the plain path and, wherever a latent is not within that
@@ -23,7 +24,8 @@ Users: :class:`~glare_nat_arch.blocks.Encoder` / :class:`~glare_nat_arch.blocks.
 ``conv_in``), :meth:`~glare_nat_arch.aft.WarpBlock.forward_streamed` (the fusion's offsets and deformable sampling
 per strip) and :meth:`~glare_nat_arch.glare_arch.GLAREFlowNet.defers_finest` (the schedule that recomputes the
 finest skip instead of keeping it). Results equal the whole-map computation up to float rounding
-(``tests/test_streaming.py``). Streaming applies only
+(``tests/test_streaming.py``): feature maps within a relative 1e-5 in float32, and the same VQ codes downstream
+wherever two codes are not within that rounding of a tie (a near-tie may go either way). Streaming applies only
 without autograd, in eval mode, without autocast and on CPU, to levels without attention whose maps exceed
 ``min_mb`` (:class:`RowStreaming`); everything else runs the plain modules. The loops here run over strips of rows
 and the blocks of a level, never over pixels.

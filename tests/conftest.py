@@ -10,18 +10,21 @@ import torch
 import glare_nat_arch  # noqa: F401  (compat shims before any basicsr import)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: golden tensors of the official GLARE code (provenance, keys and how to regenerate: tests/data/README.md)
 GOLDEN_PATH = REPO_ROOT / "tests" / "data" / "glare_official_tiny.pt"
+
+
+def load_golden(path: Path = GOLDEN_PATH) -> dict:
+    """The golden dict at ``path``; a missing file fails the test (it is part of the repository), never skips it."""
+    if not path.is_file():
+        pytest.fail(f"golden tensors {path} are missing (they are part of the repository: restore the file)")
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    """The golden dict of ``tests/data/glare_official_tiny.pt`` (what it holds: ``tests/data/README.md``).
-
-    The file is part of the repository; a missing or unreadable file fails every parity test, it never skips.
-    """
-    if not GOLDEN_PATH.is_file():
-        pytest.fail(f"golden tensors missing: {GOLDEN_PATH} (part of the repository; restore it with git)")
-    return torch.load(GOLDEN_PATH, weights_only=True)
+    """The golden dict of ``tests/data/glare_official_tiny.pt`` (see tests/data/README.md)."""
+    return load_golden()
 
 
 @pytest.fixture(autouse=True, scope="session")

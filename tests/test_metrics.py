@@ -34,6 +34,9 @@ def test_official_mode_matches_golden(pair):
     adjusted, scale = M.gt_mean_adjust(out / 255.0, gt / 255.0, "official")
     assert scale == pytest.approx(m["scale"], abs=1e-7)
     np.testing.assert_allclose(adjusted[..., ::-1], m["pred_adjusted"].numpy(), rtol=0, atol=1e-6)
+    # so the same uint8 values: no value lies within 1e-6 of a rounding boundary (the closest is 3e-6 away)
+    steps = m["pred_adjusted"].numpy() * 255
+    assert np.abs(steps - np.floor(steps) - 0.5).min() > 255 * 1e-6
     np.testing.assert_array_equal(M.to_uint8(adjusted)[..., ::-1], m["pred_adjusted_uint8"].numpy())
     psnr = M.calculate_psnr_gtmean(out, gt, crop_border=0, mode="official")
     ssim = M.calculate_ssim_gtmean(out, gt, crop_border=0, mode="official")

@@ -27,9 +27,69 @@ from glare_nat_arch.streaming import (
 )
 from glare_nat_models import perf
 from tests.test_glare_arch import net_kwargs, vqgan_kwargs  # noqa: F401 (golden configs)
+from tests.tolerance import assert_same_codes, code_distance_tolerance
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ALWAYS = RowStreaming(min_mb=0.0, rows=3)
+
+
+class Replay:
+    """Records the discrete choices of one run (the VQGAN quantiser's codes, NAT-II's ``refine`` results) and,
+    with ``force`` (an earlier run's record), makes this run take those instead of its own.
+
+    Streamed and whole-map runs round differently, so a near-tie of the nearest-code search may go either way
+    (the tiny networks' dense codebooks have gaps down to 1e-6); compared on the same codes, their outputs agree
+    within ``TOL``, and :func:`check_same_codes` checks that their own codes agree wherever the latents decide.
+    """
+
+    def __init__(self, vq: nn.Module, nat2: nn.Module | None = None, force: Replay | None = None) -> None:
+        self.vq, self.nat2, self.force = vq, nat2, force
+        self.latents: list[torch.Tensor] = []  # quantised latents and NAT-II inputs x_hat, in call order
+        self.codes: list[torch.Tensor] = []  # their nearest codes (the quantiser's, NAT-II's v0)
+        self.quantised, self.refines = 0, []
+
+    def __enter__(self) -> Replay:
+        real_nearest = self.vq.quantize.nearest_indices
+
+        def nearest(z: torch.Tensor) -> torch.Tensor:
+            codes = real_nearest(z)
+            self.latents.append(z.detach().clone())
+            self.codes.append(codes)
+            self.quantised += 1
+            return codes if self.force is None else self.force.codes[len(self.codes) - 1].clone()
+
+        self.vq.quantize.nearest_indices = nearest
+        if self.nat2 is not None:
+            real_refine = self.nat2.refine
+
+            def refine(x_hat: torch.Tensor, *args, **kwargs) -> dict:
+                out = real_refine(x_hat, *args, **kwargs)
+                self.latents.append(x_hat.detach().clone())
+                self.codes.append(out["codes_init"])
+                self.refines.append(out)
+                return out if self.force is None else self.force.refines[len(self.refines) - 1]
+
+            self.nat2.refine = refine
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.vq.quantize.nearest_indices
+        if self.nat2 is not None:
+            del self.nat2.refine
+
+
+def check_same_codes(run: Replay, ref: Replay) -> None:
+    """``run`` and ``ref`` searched the codebook as often, on latents within ``TOL``, and found the same nearest
+    codes wherever those latents decide them (see :func:`tests.tolerance.assert_same_codes`)."""
+    assert run.quantised == ref.quantised and len(run.refines) == len(ref.refines) and run.codes
+    book = run.vq.quantize.embedding.weight.detach()
+    for z, codes, z_ref, codes_ref in zip(run.latents, run.codes, ref.latents, ref.codes):
+        torch.testing.assert_close(z, z_ref, **TOL)
+        rows = z_ref.permute(0, 2, 3, 1).reshape(-1, z_ref.shape[1])
+        delta = TOL["atol"] + TOL["rtol"] * float(z_ref.abs().max())
+        tol = code_distance_tolerance(rows, book, rows_tol=delta).reshape(codes_ref.shape)
+        dist = torch.cdist(rows.double(), book.double()).square().reshape(*codes_ref.shape, -1)
+        assert_same_codes(codes, codes_ref, dist, tol)
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -195,12 +255,11 @@ def _tiny_nets(streaming: RowStreaming | None):
 
 
 def test_glarenet_lean_schedule_equals_the_plain_path(monkeypatch):
-    """Streaming every level (3-row strips) with the deferred s0 / n0 gives the plain output; s0 is recomputed once,
-    n0 computed once, and under autograd nothing streams (the same modules run as without streaming)."""
+    """Streaming every level (3-row strips) with the deferred s0 / n0 gives the plain output on the same codes
+    (and the same codes wherever the latents decide them); s0 is recomputed once, n0 computed once, and under
+    autograd nothing streams (the same modules run as without streaming)."""
     net, vq = _tiny_nets(None)
     x = perf.make_low_light_image(40, 52, seed=3)
-    with torch.inference_mode():
-        plain = net(x, vq)
     calls = {"first_level": 0, "level_forward0": 0, "stream_level": 0}
     first_level, level_forward = Encoder.first_level, Decoder._level_forward
 
@@ -225,28 +284,39 @@ def test_glarenet_lean_schedule_equals_the_plain_path(monkeypatch):
     monkeypatch.setattr(blocks, "stream_level", spy_stream)
     set_row_streaming(net, ALWAYS)
     set_row_streaming(vq, ALWAYS)
-    with torch.inference_mode():
+    with torch.inference_mode(), Replay(vq) as lean_run:
         lean = net(x, vq)
-    torch.testing.assert_close(lean, plain, **TOL)
     # s0 recomputed once; n0 (D_NL) and D_MF's finest level once each; encoder, D_NL and D_MF: 2 levels each + s0
     assert calls["first_level"] == 1 and calls["level_forward0"] == 2 and calls["stream_level"] == 7
     calls.update(first_level=0, level_forward0=0, stream_level=0)
-    with torch.enable_grad():
+    with torch.enable_grad(), Replay(vq, force=lean_run):
         trained = net(x, vq)
     assert calls == {"first_level": 0, "level_forward0": 2, "stream_level": 0}
+    set_row_streaming(net, None)
+    set_row_streaming(vq, None)
+    with torch.inference_mode(), Replay(vq, force=lean_run) as plain_run:
+        plain = net(x, vq)
+    check_same_codes(plain_run, lean_run)
+    torch.testing.assert_close(lean, plain, **TOL)
     torch.testing.assert_close(trained.detach(), plain, **TOL)
 
 
 def test_glarenet_streamed_intermediates_keep_results():
-    """With ``return_intermediates`` the levels still stream (no deferral); the dict matches the plain one."""
+    """With ``return_intermediates`` the levels still stream (no deferral); the dict matches the plain one (on the
+    same codes, which agree wherever the latents decide them)."""
     net, vq = _tiny_nets(None)
     x = perf.make_low_light_image(36, 44, seed=4)
     with torch.inference_mode():
-        plain = net(x, vq, return_intermediates=True)
         set_row_streaming(net, ALWAYS)
         set_row_streaming(vq, ALWAYS)
-        streamed = net(x, vq, return_intermediates=True)
-    for key in ("output", "s0", "s1", "n0", "n1", "dnl_rgb", "level1_h_post", "level0_h_post"):
+        with Replay(vq) as streamed_run:
+            streamed = net(x, vq, return_intermediates=True)
+        set_row_streaming(net, None)
+        set_row_streaming(vq, None)
+        with Replay(vq, force=streamed_run) as plain_run:
+            plain = net(x, vq, return_intermediates=True)
+    check_same_codes(plain_run, streamed_run)
+    for key in ("output", "z_hat", "s0", "s1", "n0", "n1", "dnl_rgb", "level1_h_post", "level0_h_post"):
         # relative to the map's scale; the random-weight rescale mean(h_mix) / mean(u) reaches -940 at level 1, so
         # float rounding in u is amplified there (u itself agrees to 1e-6)
         rel = 1e-4 if key.endswith("h_post") else 1e-5
@@ -315,19 +385,25 @@ def test_streaming_lowers_the_peak_of_live_tensors():
 
 def test_glare_nat_net_streamed_equals_plain():
     """GLARENATNet (NAT-II and NAT-III on, NAT-III at the bottleneck hook) with every level streamed, the lean
-    schedule included, gives the plain output."""
+    schedule included, gives the plain output on the same NAT-II decisions and codes (NAT-II's inputs agree within
+    the tolerance and its initial codes wherever they are decided)."""
     import bench_nat  # scripts/ (on sys.path through tests.test_glare_arch)
 
     vq, net, flow = bench_nat.build(tiny=True, device=torch.device("cpu"))
     x = perf.make_low_light_image(32, 40, seed=6)
     bench_nat.calibrate(vq, net, flow, x)
     with torch.inference_mode():
-        set_row_streaming(net, None)
-        plain = net(x, vq)
         set_row_streaming(net, ALWAYS)
         set_row_streaming(vq, ALWAYS)
         assert net.defers_finest(x)
-        streamed = net(x, vq)
+        with Replay(vq, net.nat2) as streamed_run:
+            streamed = net(x, vq)
+        set_row_streaming(net, None)
+        set_row_streaming(vq, None)
+        with Replay(vq, net.nat2, force=streamed_run) as plain_run:
+            plain = net(x, vq)
+    assert streamed_run.refines and streamed_run.refines[0]["mask_union"].any()  # NAT-II really refined
+    check_same_codes(plain_run, streamed_run)
     torch.testing.assert_close(streamed, plain, **TOL)
 
 
