@@ -8,7 +8,7 @@ Official objective (``LLFlow_model.optimize_parameters``, docs/glare.md "Stage-I
     NLL  = -(log N(z; mu, I) + logdet) / (ln 2 * h * w)  per sample (bits per latent pixel, C summed)
     L    = nll_weight (1) * mean_batch(NLL)
 
-``train_gt_ratio`` (official 0.2; LowLevelAI/GLARE issue #24 notes that it contradicts the paper's "Gaussian
+``train_gt_ratio`` (official 0.2; LowLevelAI/GLARE#24 notes that it contradicts the paper's "Gaussian
 centred on the low-light feature" and got no author answer) is drawn once per batch with Python's ``random``
 (seeded by BasicSR's ``manual_seed``). Set it to 0 for the paper's formulation.
 
