@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -27,7 +27,9 @@ __all__ = [
     "CheckpointError",
     "StrictLoadError",
     "LoadReport",
+    "atomic_write",
     "atomic_torch_save",
+    "atomic_write_text",
     "read_checkpoint",
     "select_state_dict",
     "compare_state_dicts",
@@ -50,8 +52,9 @@ class StrictLoadError(RuntimeError):
         self.report = report
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through ``<path>.tmp`` + ``os.replace`` (atomic on POSIX and Windows).
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills ``<path>.tmp``, which is flushed, fsynced and renamed over ``path``
+    (``os.replace``: atomic on POSIX and Windows).
 
     On any failure the temporary file is removed, the exception propagates and a previous ``path`` is untouched.
     """
@@ -59,7 +62,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,6 +70,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 ``text`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
