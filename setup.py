@@ -33,7 +33,7 @@ setup(
         "numpy",
         "scipy",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff", "import-linter"]},
     entry_points={
         "console_scripts": [
             "glare-nat-enhance=glare_nat_models.enhance_cli:main",
