@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from copy import deepcopy
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -363,82 +361,6 @@ def test_base_model_trains_a_stock_arch(tmp_path, ckpts):
     model.optimize_parameters(1)
     assert set(model.get_current_log()) == {"l_pix", "grad_norm_g"}
     assert opt["train"]["optim_g"]["type"] == "AdamW"  # option dicts are not consumed
-
-
-def write_lol_tree(root: Path, n_train: int = 3, n_test: int = 2, size: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("our485", n_train), ("eval15", n_test)):
-        for sub in ("low", "high"):
-            (root / split / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            gt = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            cv2.imwrite(str(root / split / "high" / f"{i}.png"), gt)
-            cv2.imwrite(str(root / split / "low" / f"{i}.png"), (gt // 8).astype(np.uint8))
-
-
-def test_stock_train_pipeline_runs_stage3(tmp_path, ckpts, monkeypatch):
-    """Stage III through basicsr.train.train_pipeline: training, atomic checkpoints, validation on a holdout."""
-    from basicsr.train import train_pipeline
-    from glare_nat_arch.compat import patch_basicsr
-
-    patch_basicsr()
-    write_lol_tree(tmp_path / "lol")
-    opt = read_yaml("tiny_stage3_aft.yml")
-    opt["num_gpu"] = "auto"
-    opt["path"].update(pretrain_network_vq=ckpts["vq"], pretrain_network_stage2=ckpts["stage2"])
-    opt["datasets"] = {
-        "train": {
-            "name": "tiny_train",
-            "type": "LOLPairedDataset",
-            "dataroot": str(tmp_path / "lol"),
-            "layout": "lolv1",
-            "split": "train",
-            "holdout": {"count": 1, "seed": 0, "role": "train"},
-            "gt_size": 16 * 2,
-            "use_hflip": True,
-            "batch_size_per_gpu": 2,
-            "num_worker_per_gpu": 0,
-            "dataset_enlarge_ratio": 1,
-        },
-        "val": {
-            "name": "tiny_holdout",
-            "type": "LOLPairedDataset",
-            "dataroot": str(tmp_path / "lol"),
-            "layout": "lolv1",
-            "split": "train",
-            "holdout": {"count": 1, "seed": 0, "role": "val"},
-        },
-    }
-    opt["val"].update(val_freq=2, save_img=False)
-    opt["logger"] = {"print_freq": 1, "save_checkpoint_freq": 2, "use_tb_logger": False}
-    opt_file = tmp_path / "opt.yml"
-    opt_file.write_text(yaml.safe_dump(dict(_plain(opt))))
-    monkeypatch.setattr("sys.argv", ["train.py", "-opt", str(opt_file)])
-    validations = []
-    real_validation = base_mod.GLAREBaseModel.nondist_validation
-
-    def record(self, dataloader, current_iter, *args):
-        real_validation(self, dataloader, current_iter, *args)
-        validations.append((dataloader.dataset.opt["name"], current_iter, dict(self.metric_results)))
-
-    monkeypatch.setattr(base_mod.GLAREBaseModel, "nondist_validation", record)
-    train_pipeline(str(tmp_path))
-    exp = tmp_path / "experiments" / "test_stage3_aft"
-    assert sorted(os.listdir(exp / "models")) == ["net_g_2.pth", "net_g_latest.pth"]
-    assert os.listdir(exp / "training_states") == ["2.state"]
-    assert [(name, it) for name, it, _ in validations] == [
-        ("tiny_holdout", 2),
-        ("tiny_holdout", 3),
-    ]  # stock: final one "@ total_iter + 1"
-    assert all(np.isfinite(r["psnr"]) and np.isfinite(r["psnr_gtmean"]) for _, _, r in validations)
-
-
-def _plain(obj):
-    if isinstance(obj, (dict, OrderedDict)):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 @pytest.mark.parametrize("name", STAGES[1:])
