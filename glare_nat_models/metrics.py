@@ -31,6 +31,9 @@ RGB uint8 images mapped to [-1, 1] as the official ``Measure.py`` does.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 import torch
@@ -132,41 +135,42 @@ def _adjusted_pair(img, img2, img_float, img2_float, crop_border, input_order, m
     return adjusted, gt
 
 
-@METRIC_REGISTRY.register()
-def calculate_psnr_gtmean(
-    img: np.ndarray,
-    img2: np.ndarray,
-    crop_border: int = 0,
-    input_order: str = "HWC",
-    mode: str = "bt601",
-    img_float: np.ndarray | None = None,
-    img2_float: np.ndarray | None = None,
-    test_y_channel: bool = False,
-    **kwargs,
-) -> float:
-    """GT-mean PSNR in dB: ``10 log10(1 / mean((gt - r')^2))`` on float data, all 3 channels; ``inf`` if equal.
+def _gt_mean_metric(score: Callable[..., float]) -> Callable[..., float]:
+    """Register ``score(adjusted, gt, **options)`` as a BasicSR metric of the GT-mean protocol.
 
-    ``img``/``img2``: output / GT uint8 BGR; ``img_float``/``img2_float``: optional float BGR [0,1] versions.
+    The metric takes BasicSR's arguments: ``img``/``img2`` output / GT uint8 BGR, optional float BGR [0, 1]
+    versions ``img_float``/``img2_float``, ``crop_border`` (applied after the adjustment), ``input_order``,
+    ``mode`` of :func:`gt_mean_adjust`; ``score`` gets the adjusted output and GT as HWC float64 BGR.
     """
-    adjusted, gt = _adjusted_pair(img, img2, img_float, img2_float, crop_border, input_order, mode, test_y_channel)
+
+    @functools.wraps(score)
+    def metric(
+        img: np.ndarray,
+        img2: np.ndarray,
+        crop_border: int = 0,
+        input_order: str = "HWC",
+        mode: str = "bt601",
+        img_float: np.ndarray | None = None,
+        img2_float: np.ndarray | None = None,
+        test_y_channel: bool = False,
+        **kwargs,
+    ) -> float:
+        adjusted, gt = _adjusted_pair(img, img2, img_float, img2_float, crop_border, input_order, mode, test_y_channel)
+        return score(adjusted, gt, **kwargs)
+
+    return METRIC_REGISTRY.register()(metric)
+
+
+@_gt_mean_metric
+def calculate_psnr_gtmean(adjusted: np.ndarray, gt: np.ndarray, **kwargs) -> float:
+    """GT-mean PSNR in dB: ``10 log10(1 / mean((gt - r')^2))`` on float data, all 3 channels; ``inf`` if equal."""
     mse = np.mean((gt - adjusted) ** 2)
     return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
-@METRIC_REGISTRY.register()
-def calculate_ssim_gtmean(
-    img: np.ndarray,
-    img2: np.ndarray,
-    crop_border: int = 0,
-    input_order: str = "HWC",
-    mode: str = "bt601",
-    img_float: np.ndarray | None = None,
-    img2_float: np.ndarray | None = None,
-    test_y_channel: bool = False,
-    **kwargs,
-) -> float:
+@_gt_mean_metric
+def calculate_ssim_gtmean(adjusted: np.ndarray, gt: np.ndarray, **kwargs) -> float:
     """GT-mean SSIM: BasicSR's MATLAB-style per-channel SSIM on ``rint(255 r')`` vs ``rint(255 gt)`` (uint8)."""
-    adjusted, gt = _adjusted_pair(img, img2, img_float, img2_float, crop_border, input_order, mode, test_y_channel)
     return float(calculate_ssim(to_uint8(adjusted), to_uint8(gt), crop_border=0))
 
 
@@ -224,22 +228,13 @@ def calculate_lpips(
     return lpips_distance(a[..., ::-1], b[..., ::-1], net)
 
 
-@METRIC_REGISTRY.register()
+@_gt_mean_metric
 def calculate_lpips_gtmean(
-    img: np.ndarray,
-    img2: np.ndarray,
-    crop_border: int = 0,
-    input_order: str = "HWC",
-    mode: str = "bt601",
-    img_float: np.ndarray | None = None,
-    img2_float: np.ndarray | None = None,
-    alexnet_weights: str | None = None,
-    device: str = "cpu",
-    **kwargs,
+    adjusted: np.ndarray, gt: np.ndarray, alexnet_weights: str | None = None, device: str = "cpu", **kwargs
 ) -> float:
-    """LPIPS on the GT-mean adjusted output, as the official GLARE scripts report it (``rint(255 r')`` vs GT)."""
-    adjusted, gt = _adjusted_pair(
-        img, img2, img_float, img2_float, crop_border, input_order, mode, kwargs.get("test_y_channel", False)
-    )
+    """LPIPS on the GT-mean adjusted output, as the official GLARE scripts report it (``rint(255 r')`` vs GT).
+
+    Options: ``alexnet_weights``, ``device`` as :func:`calculate_lpips`.
+    """
     net = get_lpips_net(alexnet_weights, device)
     return lpips_distance(to_uint8(adjusted)[..., ::-1], to_uint8(gt)[..., ::-1], net)
