@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -22,17 +25,20 @@ from basicsr.utils.options import ordered_yaml
 
 import glare_nat_models  # noqa: F401  (registers archs, datasets, losses, metrics, models)
 from glare_nat_arch.glare_arch import GLARENet
-from glare_nat_arch.glare_nat_arch import (
-    GLARE_PREFIXES,
-    NAT2_DEFAULTS,
-    SUPPORTED_VALUES,
-    GLARENATNet,
-    build_latent_nat,
-    resolve_nat_config,
+from glare_nat_arch.glare_nat_arch import GLARE_PREFIXES, GLARENATNet
+from glare_nat_arch.nat_arch import LatentNAT
+from glare_nat_arch.nat_options import (
+    NAT_KNOB_LOCATIONS,
+    NAT2Options,
+    NAT2TrainOptions,
+    NATOptionsError,
+    nat_option_problems,
+    parse_options,
 )
 from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau, histogram_entropy
 from glare_nat_models import nat_model
-from glare_nat_models.nat_model import NAT_KNOB_LOCATIONS, binary_auroc, mfm_loss
+from glare_nat_models.nat_model import mfm_loss
+from glare_nat_models.nat_stats import binary_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -183,22 +189,92 @@ def test_every_spec_knob_has_a_yaml_key_with_the_spec_default():
 def test_omitted_knobs_take_the_spec_defaults_and_bad_knobs_are_named():
     spec = yaml.safe_load(SPEC_61)
     net2 = {k: v for k, v in spec["nat2"].items() if k != "train"}
-    assert resolve_nat_config({}, NAT2_DEFAULTS, "x") == net2
-    assert resolve_nat_config({"decode": {"iters": 2}}, NAT2_DEFAULTS, "x")["decode"]["schedule"] == "cosine"
-    with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.dimm is unknown"):
-        resolve_nat_config({"model": {"dimm": 3}}, NAT2_DEFAULTS, "network_g.nat2")
+    assert dataclasses.asdict(parse_options(NAT2Options, {}, "x")) == net2
+    assert parse_options(NAT2Options, {"decode": {"iters": 2}}, "x").decode.schedule == "cosine"
+    with pytest.raises(NATOptionsError, match=r"network_g\.nat2\.model\.dimm is unknown"):
+        parse_options(NAT2Options, {"model": {"dimm": 3}}, "network_g.nat2")
     with pytest.raises(ValueError, match=r"network_g\.nat2\.feedback\.mode = 'gated' is not implemented"):
-        resolve_nat_config({"feedback": {"mode": "gated"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
+        parse_options(NAT2Options, {"feedback": {"mode": "gated"}}, "network_g.nat2")
     ablations = {"model": {"uvit_skips": True, "pos": "peg", "tok_init": "codebook_lift", "cond_mode": "adaln"}}
     ablations["uncertainty"] = {"source": "margin"}
     ablations["decode"] = {"remask_rule": "threshold"}
-    cfg = resolve_nat_config(ablations, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
-    nat = build_latent_nat(cfg, codebook_size=16, code_dim=3, cond_channels=4)
+    nat = LatentNAT(16, parse_options(NAT2Options, ablations, "network_g.nat2"), code_dim=3, cond_channels=4)
     assert nat.body.skip_proj is not None and nat.body.peg is not None and nat.pos == "peg"
     assert nat.tok_init == "codebook_lift" and nat.uncertainty_source == "margin" and nat.cond_merge is not None
     assert nat.remask_rule == "threshold"
-    with pytest.raises(ValueError, match=r"train\.nat2\.r_maxx"):
-        resolve_nat_config({"r_maxx": 1}, nat_model.NAT2_TRAIN_DEFAULTS, "train.nat2")
+    with pytest.raises(NATOptionsError, match=r"train\.nat2\.r_maxx"):
+        parse_options(NAT2TrainOptions, {"r_maxx": 1}, "train.nat2")
+
+
+def test_every_nat_option_problem_is_named_at_once():
+    """Unknown keys, wrong types, values out of range and unsupported choices of both blocks: one error, one line
+    per problem, each with its full option key; building the network directly reports the same."""
+    net = {
+        "type": "GLARENATNet",
+        "nat2": {"model": {"dimm": 3, "dim": "big"}, "decode": {"iters": 2.5}, "uncertainty": {"tau": "often"}},
+        "nat3": {"level": "h2", "mask": {"rho3_max": 2.0}},
+    }
+    train = {"nat2": {"r_dist": "gauss", "full_frames": "yes"}, "nat3": {"warmup": -1}}
+    problems = nat_option_problems({"network_g": net, "train": train})
+    keys = [p.split(" ")[0].rstrip(":") for p in problems]
+    assert keys == [
+        "network_g.nat2.model.dimm",
+        "network_g.nat2.model.dim",
+        "network_g.nat2.uncertainty.tau",
+        "network_g.nat2.decode.iters",
+        "network_g.nat3.level",
+        "network_g.nat3.mask.rho3_max",
+        "train.nat2.r_dist",
+        "train.nat2.full_frames",
+        "train.nat3.warmup",
+    ], problems
+    glare_kw = {k: v for k, v in read_yaml(DATA / "tiny_stage3_nat.yml")["network_g"].items() if k != "type"}
+    with pytest.raises(NATOptionsError) as err:
+        GLARENATNet(**{**glare_kw, "nat2": net["nat2"], "nat3": net["nat3"]})
+    assert err.value.problems == problems[:6]
+    assert nat_option_problems({"network_g": {"type": "GLARENATFlowNet", "nat3": {}}}) == [
+        "network_g.nat3 is unknown for network_g.type GLARENATFlowNet"
+    ]
+    # cross-key checks
+    bad = {"decode": {"iters": 2, "early_stop": 3, "schedule": "autonat_sub"}, "model": {"dim": 10, "heads": 3}}
+    with pytest.raises(NATOptionsError) as err:
+        parse_options(NAT2Options, bad, "network_g.nat2")
+    assert [p.split(" ")[0] for p in err.value.problems] == [
+        "network_g.nat2.model.heads",
+        "network_g.nat2.decode.early_stop",
+        "network_g.nat2.decode.schedule",
+    ]
+
+
+@pytest.mark.parametrize("folder", ["options", "options/demo", "options/official", "tests/data"])
+def test_every_option_file_passes_the_nat_schema(folder):
+    for path in sorted((ROOT / folder).glob("*.yml")):
+        assert nat_option_problems(read_yaml(path)) == [], path
+
+
+def test_launcher_exits_2_on_a_bad_nat_key_before_creating_anything(tmp_path):
+    opt = read_yaml(ROOT / "options/train_stage2_nat.yml")
+    opt["name"] = "pytest_nat_schema"
+    opt["network_g"]["nat2"]["decode"]["iterz"] = 4
+    opt["train"]["nat2"]["unroll_p"] = 1.5
+    opt_file = tmp_path / "opt.yml"
+    opt_file.write_text(yaml.safe_dump(json.loads(json.dumps(opt)), sort_keys=False))
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "basicsr" / "train.py"), "-opt", str(opt_file)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "network_g.nat2.decode.iterz is unknown" in proc.stderr
+    assert "train.nat2.unroll_p must be in [0, 1], got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(cwd.iterdir()) == []
+    assert not (ROOT / "experiments" / "pytest_nat_schema").exists()
 
 
 @pytest.mark.parametrize(
@@ -647,7 +723,6 @@ def test_nat3_only_uses_the_flow_entropy_and_leaves_the_latent_alone():
     opt["nat3"]["mask"] = {"tau3": 0.0}
     torch.manual_seed(0)
     net = build_network(opt).eval()
-    net.apply_option_values()
     vq = build_network(deepcopy(read_yaml(DATA / "tiny_stage3_nat.yml")["network_vq"])).eval()
     with torch.no_grad():
         out = net(batch(9)["lq"], vq, return_intermediates=True)
