@@ -111,7 +111,7 @@ def preflight(argv: list[str]) -> None:
         sys.stderr.write(
             f"glare-nat: {opt_file} has {len(problems)} problem(s) (missing inputs, conflicting or invalid "
             f"options):\n{lines}\n"
-            "Nothing was started or created. Fix the options or paths in the option file (relative paths are read from the "
-            "current directory) or put the files there; README.md says where data and weights go.\n"
+            "Nothing was started or created. Fix the options or paths in the option file (relative paths are read from "
+            "the current directory) or put the files there; README.md says where data and weights go.\n"
         )
         raise SystemExit(2)
