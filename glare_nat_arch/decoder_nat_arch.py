@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from glare_nat_arch.nat_head import nan_or
@@ -136,14 +137,15 @@ class DecoderNAT(nn.Module):
                 f"DecoderNAT: mask must be a bool {(b, hp, wp)} patch mask, got {mask.dtype} {tuple(mask.shape)}"
             )
 
-        tok = F.pixel_unshuffle(self._pad(h), p).flatten(2).transpose(1, 2)  # B x N x C p^2
+        patchify = "b c (hp dy) (wp dx) -> b (hp wp) (c dy dx)"  # the pixel_unshuffle channel order
+        tok = rearrange(self._pad(h), patchify, dy=p, dx=p)  # B x N x C p^2
         x = self.patch_embed(tok)
         x = torch.where(mask.reshape(b, -1, 1), self.mask_emb.to(x.dtype), x)
         cu = torch.cat([cond_feat.to(h.dtype), uncertainty[:, None].to(h.dtype)], dim=1)
-        x = x + self.cond_embed(F.pixel_unshuffle(self._pad(cu), p).flatten(2).transpose(1, 2))
+        x = x + self.cond_embed(rearrange(self._pad(cu), patchify, dy=p, dx=p))
         x = x + sincos_pos_embed_2d(hp, wp, x.shape[-1], x.device, x.dtype)
         x = self.out(self.body(x, (hp, wp)))  # B x N x C p^2
-        delta = F.pixel_shuffle(x.transpose(1, 2).reshape(b, -1, hp, wp), p)[:, :, :hh, :ww]
+        delta = rearrange(x, "b (hp wp) (c dy dx) -> b c (hp dy) (wp dx)", hp=hp, dy=p, dx=p)[:, :, :hh, :ww]
         if self.residual == "all":
             return h + delta, mask
         return torch.where(self.expand_mask(mask, hh, ww), h + delta, h), mask
@@ -151,4 +153,4 @@ class DecoderNAT(nn.Module):
     def expand_mask(self, mask: Tensor, height: int, width: int) -> Tensor:
         """Patch mask ``B x h_p x w_p`` -> per-pixel bool ``B x 1 x height x width`` (padding cropped)."""
         p = self.patch
-        return mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None, :height, :width]
+        return repeat(mask, "b hp wp -> b 1 (hp dy) (wp dx)", dy=p, dx=p)[..., :height, :width]

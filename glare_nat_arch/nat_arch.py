@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
+from einops import rearrange
 from torch import Tensor, nn
 
 from glare_nat_arch.nat_decoding import MaskedDecoding
@@ -220,16 +221,16 @@ class LatentNAT(MaskedDecoding, nn.Module):
         e = self.embed_drop(self.embed_norm(e)).permute(0, 3, 1, 2)  # B x d x h x w
         m = self.merge_conv(self._pad_to_merge(e))  # B x d x h' x w'
         hm, wm = m.shape[-2:]
-        x = m.flatten(2).transpose(1, 2)
+        x = rearrange(m, "b d h w -> b (h w) d")
         if "sincos2d" in self.pos.split("+"):
             x = x + sincos_pos_embed_2d(hm, wm, m.shape[1], m.device, m.dtype)
         if self.cond_mode == "additive":
             return x, (hm, wm), None
         if self.cond_mode == "adaln":
-            return x, (hm, wm), self.cond_merge(self._pad_to_merge(c)).flatten(2).transpose(1, 2)
+            return x, (hm, wm), rearrange(self.cond_merge(self._pad_to_merge(c)), "b d h w -> b (h w) d")
         ctx = F.avg_pool2d(c, XATTN_POOL, ceil_mode=True)  # B x d x h/4 x w/4: the low-light context set
         hc, wc = ctx.shape[-2:]
-        ctx = ctx.flatten(2).transpose(1, 2) + sincos_pos_embed_2d(hc, wc, ctx.shape[1], ctx.device, ctx.dtype)
+        ctx = rearrange(ctx, "b d h w -> b (h w) d") + sincos_pos_embed_2d(hc, wc, ctx.shape[1], ctx.device, ctx.dtype)
         return x, (hm, wm), ctx
 
     def _pad_to_merge(self, t: Tensor) -> Tensor:
@@ -248,7 +249,7 @@ class LatentNAT(MaskedDecoding, nn.Module):
         b, h, w = tokens.shape
         x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy)
         x = self.body(x, (hm, wm), cond=ctok)
-        x = self.unmerge(x.transpose(1, 2).reshape(b, -1, hm, wm))[:, :, :h, :w]
+        x = self.unmerge(rearrange(x, "b (h w) d -> b d h w", h=hm))[:, :, :h, :w]
         return x.permute(0, 2, 3, 1)
 
     def query_features(
@@ -271,7 +272,8 @@ class LatentNAT(MaskedDecoding, nn.Module):
         x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy, cond_feat)
         m = self.merge
         padded = F.pad(query_mask, (0, wm * m - w, 0, hm * m - h))
-        need = padded.reshape(b, hm, m, wm, m).any(4).any(2).reshape(b, hm * wm)  # merged tokens covering a query
+        # B x N': the merged tokens whose m x m positions hold a query
+        need = rearrange(padded, "b (hm dy) (wm dx) -> b (hm wm) (dy dx)", dy=m, dx=m).any(-1)
         counts = need.sum(1)
         q_max = int(counts.max()) if b else 0
         if q_max == 0:
@@ -280,13 +282,14 @@ class LatentNAT(MaskedDecoding, nn.Module):
         order = torch.sort((~need).to(torch.int8), dim=1, stable=True).indices[:, :q_max]
         hq = self.body(x, (hm, wm), query_idx=order, cond=ctok)  # B x Q x d
         conv = self.unmerge[0]
-        y = F.linear(hq, conv.weight.flatten(1), conv.bias).reshape(b, q_max, -1, m, m)  # 1x1 conv per token
+        y = F.linear(hq, conv.weight.flatten(1), conv.bias)  # the 1x1 conv per queried token: B x Q x (d m m)
+        y = rearrange(y, "b q (c dy dx) -> b q c dy dx", dy=m, dx=m)
         full = y.new_zeros(b, hm * wm, y.shape[2], m, m)
         valid = torch.arange(q_max, device=x.device)[None] < counts[:, None]
         rows = torch.arange(b, device=x.device)[:, None].expand(b, q_max)
         full[rows[valid], order[valid]] = y[valid]
         # PixelShuffle layout: channel c * m * m + dy * m + dx -> (c, y * m + dy, x * m + dx)
-        grid = full.reshape(b, hm, wm, -1, m, m).permute(0, 1, 4, 2, 5, 3).reshape(b, hm * m, wm * m, -1)
+        grid = rearrange(full, "b (hm wm) c dy dx -> b (hm dy) (wm dx) c", hm=hm)
         return grid[:, :h, :w][query_mask]
 
     def logits(
