@@ -98,7 +98,11 @@ class NAT2Model:
     dropout: float = opt(0.1, "dropout in training", low=0, high=1)
     uvit_skips: bool = opt(False, "U-ViT long skips: block `i`'s output is concatenated into its mirror block")
     pos: str = opt("sincos2d+peg", "position encoding: `sincos2d`, `peg` or both", choices=POS_ENCODINGS)
-    cond_mode: str = opt("additive", "conditioning: `additive`, `adaln` or `xattn`", choices=COND_MODES)
+    cond_mode: str = opt(
+        "additive",
+        "`additive`, `adaln` or `xattn` ([conditioning](#token-embedding-and-conditioning))",
+        choices=COND_MODES,
+    )
     tok_init: str = opt(
         "random", "`codebook_lift`: code embeddings start from the codebook", choices=("random", "codebook_lift")
     )
@@ -108,7 +112,9 @@ class NAT2Model:
 @dataclass(frozen=True)
 class NAT2Uncertainty:
     source: str = opt(
-        "entropy", "uncertainty that masks: `entropy`, `margin`, `flow_mc`", choices=("entropy", "margin", "flow_mc")
+        "entropy",
+        "uncertainty that masks: `entropy`, `margin`, `flow_mc` ([sources](#uncertainty-sources))",
+        choices=("entropy", "margin", "flow_mc"),
     )
     dist_temp: float | str = opt(
         "auto_median_gap",
@@ -134,7 +140,7 @@ class NAT2Decode:
     iters: int = opt(4, "decoding rounds `T`", low=1)
     schedule: str | tuple = opt(
         "cosine",
-        "mask schedule: `cosine`, `linear`, `square`, `cubic`, `arccos`, `root`, "
+        "[mask schedule](#mask-schedules): `cosine`, `linear`, `square`, `cubic`, `arccos`, `root`, "
         "`autonat_sub` (T=4) or ratios `[r_1, ..., r_(T-1)]`",
         _SCHEDULE,
     )
@@ -449,7 +455,7 @@ def _shown(value: Any) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, str):
         return f"`{value}`"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return str(value)
 
 
 def options_table(cls: type) -> str:
@@ -479,3 +485,4 @@ NAT_KNOB_LOCATIONS: dict[str, str] = {
     "nat3.mask.train_random_r_max": "train.nat3.train_random_r_max",
     "nat3.lambda_mfm": "train.nat3.lambda_mfm",
 }
+

@@ -31,8 +31,11 @@ from glare_nat_arch.nat_options import (
     NAT_KNOB_LOCATIONS,
     NAT2Options,
     NAT2TrainOptions,
+    NAT3Options,
+    NAT3TrainOptions,
     NATOptionsError,
     nat_option_problems,
+    options_table,
     parse_options,
 )
 from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau, histogram_entropy
@@ -244,6 +247,16 @@ def test_every_nat_option_problem_is_named_at_once():
         "network_g.nat2.decode.early_stop",
         "network_g.nat2.decode.schedule",
     ]
+
+
+@pytest.mark.parametrize("schema", [NAT2Options, NAT2TrainOptions, NAT3Options, NAT3TrainOptions])
+def test_docs_option_tables_are_the_schema(schema):
+    """docs/nat.md "Options" holds each block's table exactly as the dataclasses render it (keys, defaults, text)."""
+    table = options_table(schema)
+    assert table in (ROOT / "docs/nat.md").read_text(encoding="utf-8"), f"docs/nat.md needs:\n{table}"
+    assert table.count("\n") == len(dataclasses.fields(schema)) + 1 + sum(
+        len(dataclasses.fields(f.default_factory)) - 1 for f in dataclasses.fields(schema) if f.metadata.get("group")
+    )
 
 
 @pytest.mark.parametrize("folder", ["options", "options/demo", "options/official", "tests/data"])
@@ -651,6 +664,33 @@ def test_explicit_option_values_win_over_checkpoint_buffers(tmp_path, ckpts):
     assert float(model.net_g.nat2.tau) == pytest.approx(0.3)  # 'auto': the checkpoint's calibrated value
     model = build_model(set_nat(make_opt("tiny_stage3_nat.yml", tmp_path, stage3_paths(ckpts), False), tau=0.7))
     assert float(model.net_g.nat2.tau) == pytest.approx(0.7)
+    # training: the EMA copy (built from the options, then loaded) keeps the explicit value too
+    model = build_model(set_nat(make_opt("tiny_stage3_nat.yml", tmp_path, stage3_paths(ckpts)), tau=0.7, tau3=0.6))
+    assert float(model.net_g_ema.nat2.tau) == pytest.approx(0.7) and float(model.net_g_ema.nat3.tau3) == 0.6
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_networks_keep_explicit_values_and_auto_takes_the_loaded_ones(calibrated):
+    """The networks own the rule: loading a state dict keeps numeric dist_temp / tau / tau3 options and takes the
+    file's values for ``auto`` (NaN there = not calibrated, so NaN stays)."""
+    kw = {k: v for k, v in read_yaml(DATA / "tiny_stage3_nat.yml")["network_g"].items() if k != "type"}
+    nan = float("nan")
+    values = (
+        {"nat2.dist_temp": 0.01, "nat2.tau": 0.3, "nat3.tau3": 0.4}
+        if calibrated
+        else dict.fromkeys(("nat2.dist_temp", "nat2.tau", "nat3.tau3"), nan)
+    )
+    explicit = deepcopy(kw)
+    explicit["nat2"]["uncertainty"].update(dist_temp=0.02, tau=0.7)
+    explicit["nat3"]["mask"] = {"tau3": 0.6}
+    for options, expect in ((kw, values), (explicit, {"nat2.dist_temp": 0.02, "nat2.tau": 0.7, "nat3.tau3": 0.6})):
+        torch.manual_seed(0)
+        net = GLARENATNet(**deepcopy(options))
+        sd = net.state_dict()
+        sd.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        net.load_state_dict(sd)
+        got = {k: float(v) for k, v in net.state_dict().items() if k in values}
+        assert got == pytest.approx(expect, nan_ok=True), (options is explicit, got)
 
 
 # ------------------------------------------------------------------------------------------------- Stage III
