@@ -91,7 +91,7 @@ class DecoderNAT(nn.Module):
         tau3 = float(self.tau3)
         if math.isnan(tau3):
             raise RuntimeError(
-                "DecoderNAT.tau3 is not calibrated: pass tau3=... to the constructor, call calibrate(), or give "
+                "DecoderNAT.tau3 is not calibrated: give network_g.nat3.mask.tau3 a number, call calibrate(), or give "
                 "forward() an explicit mask"
             )
         return initial_mask(self.patch_uncertainty(uncertainty), tau3, self.rho3_max)

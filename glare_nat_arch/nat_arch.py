@@ -316,7 +316,7 @@ class LatentNAT(MaskedDecoding, nn.Module):
         value = float(getattr(self, name))
         if math.isnan(value):
             raise RuntimeError(
-                f"LatentNAT.{name} is not calibrated: pass {name}=... to the constructor (network options) or call "
+                f"LatentNAT.{name} is not calibrated: give network_g.nat2.uncertainty.{name} a number or call "
                 "LatentNAT.calibrate(flow_outputs, codebook) on training flow outputs first"
             )
         return value

@@ -16,6 +16,7 @@ and over ``head_chunk``-row blocks of the MLM head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,7 +222,7 @@ class MaskedDecoding:
         state: DecodeState,
         t: int,
         t_exec: int,
-        hidden_of: Any,
+        hidden_of: Callable[[Tensor, Tensor], Tensor],
         codebook: Tensor,
         generator: torch.Generator | None,
         stats: bool,

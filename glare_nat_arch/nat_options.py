@@ -58,7 +58,7 @@ _SCHEDULE = "schedule"
 _OPT_INT = "int_or_null"
 
 
-def opt(
+def knob(
     default: Any,
     doc: str,
     kind: str | None = None,
@@ -84,76 +84,82 @@ def group(cls: type) -> Any:
 # --------------------------------------------------------------------------------------------- network_g.nat2
 @dataclass(frozen=True)
 class NAT2Grid:
-    merge: int = opt(
-        2, "token merge factor (1 = one token per latent position: 4x the tokens, 16x the attention)", low=1
-    )
+    """``network_g.nat2.grid``: the token grid."""
+
+    merge: int = knob(2, "token merge factor (1 = a token per latent position: 4x the tokens, 16x attention)", low=1)
 
 
 @dataclass(frozen=True)
 class NAT2Model:
-    dim: int = opt(384, "transformer width", low=1)
-    depth: int = opt(6, "transformer blocks", low=1)
-    heads: int = opt(6, "attention heads (must divide `dim`)", low=1)
-    mlp_ratio: float = opt(4.0, "MLP hidden width / `dim`", low=0)
-    dropout: float = opt(0.1, "dropout in training", low=0, high=1)
-    uvit_skips: bool = opt(False, "U-ViT long skips: block `i`'s output is concatenated into its mirror block")
-    pos: str = opt("sincos2d+peg", "position encoding: `sincos2d`, `peg` or both", choices=POS_ENCODINGS)
-    cond_mode: str = opt(
+    """``network_g.nat2.model``: the transformer."""
+
+    dim: int = knob(384, "transformer width", low=1)
+    depth: int = knob(6, "transformer blocks", low=1)
+    heads: int = knob(6, "attention heads (must divide `dim`)", low=1)
+    mlp_ratio: float = knob(4.0, "MLP hidden width / `dim`", low=0)
+    dropout: float = knob(0.1, "dropout in training", low=0, high=1)
+    uvit_skips: bool = knob(False, "U-ViT long skips: block `i`'s output is concatenated into its mirror block")
+    pos: str = knob("sincos2d+peg", "position encoding: `sincos2d`, `peg` or both", choices=POS_ENCODINGS)
+    cond_mode: str = knob(
         "additive",
         "`additive`, `adaln` or `xattn` ([conditioning](#token-embedding-and-conditioning))",
         choices=COND_MODES,
     )
-    tok_init: str = opt(
+    tok_init: str = knob(
         "random", "`codebook_lift`: code embeddings start from the codebook", choices=("random", "codebook_lift")
     )
-    mask_hides_latent: bool = opt(False, "hide `x_hat` and the score at `[MASK]` positions")
+    mask_hides_latent: bool = knob(False, "hide `x_hat` and the score at `[MASK]` positions")
 
 
 @dataclass(frozen=True)
 class NAT2Uncertainty:
-    source: str = opt(
+    """``network_g.nat2.uncertainty``: the flow's code distribution and the initial mask."""
+
+    source: str = knob(
         "entropy",
         "uncertainty that masks: `entropy`, `margin`, `flow_mc` ([sources](#uncertainty-sources))",
         choices=("entropy", "margin", "flow_mc"),
     )
-    dist_temp: float | str = opt(
+    dist_temp: float | str = knob(
         "auto_median_gap",
         "`T_d`; `auto` / `auto_median_gap` = calibrated, or a number (wins over the checkpoint's value)",
         _AUTO_NUM,
         low=0,
         autos=("auto", "auto_median_gap"),
     )
-    knn: int = opt(64, "nearest codes in the flow distribution", low=1)
-    tau: float | str = opt(
+    knn: int = knob(64, "nearest codes in the flow distribution", low=1)
+    tau: float | str = knob(
         "auto",
         "mask threshold; `auto` = calibrated (kept from the checkpoint), a number "
         "overrides it; `1.0` masks nothing (GLARE's output)",
         _AUTO_NUM,
         autos=("auto",),
     )
-    rho_target: float = opt(0.25, "target masked fraction for `tau: auto` (and `tau3: auto`)", low=0, high=1)
-    rho_max: float = opt(0.5, "cap on the masked fraction per image", low=0, high=1)
+    rho_target: float = knob(0.25, "target masked fraction for `tau: auto` (and `tau3: auto`)", low=0, high=1)
+    rho_max: float = knob(0.5, "cap on the masked fraction per image", low=0, high=1)
 
 
 @dataclass(frozen=True)
 class NAT2Decode:
-    iters: int = opt(4, "decoding rounds `T`", low=1)
-    schedule: str | tuple = opt(
+    """``network_g.nat2.decode``: the decoding rounds."""
+
+    iters: int = knob(4, "decoding rounds `T`", low=1)
+    schedule: str | tuple = knob(
         "cosine",
         "[mask schedule](#mask-schedules): `cosine`, `linear`, `square`, `cubic`, `arccos`, `root`, "
         "`autonat_sub` (T=4) or ratios `[r_1, ..., r_(T-1)]`",
         _SCHEDULE,
     )
-    conf: str = opt(
+    conf: str = knob(
         "logp", "confidence rule: `logp`, `neg_entropy`, `margin`", choices=("logp", "neg_entropy", "margin")
     )
-    sample_temp: float = opt(0.0, "0 = argmax; > 0 samples `softmax(logits / sample_temp)`", low=0)
-    choice_temp: float = opt(0.0, "Gumbel noise on the confidence, annealed `choice_temp (1 - t/T)`", low=0)
-    remask_rule: str = opt(
+    sample_temp: float = knob(0.0, "0 = argmax; > 0 samples `softmax(logits / sample_temp)`", low=0)
+    choice_temp: float = knob(0.0, "Gumbel noise on the confidence, annealed `choice_temp (1 - t/T)`", low=0)
+    remask_rule: str = knob(
         "schedule", "`threshold`: stay masked while the NAT's entropy exceeds `tau`", choices=("schedule", "threshold")
     )
-    remask_scope: str = opt("new_only", "`all`: any token may be masked again", choices=("new_only", "all"))
-    early_stop: int | None = opt(
+    remask_scope: str = knob("new_only", "`all`: any token may be masked again", choices=("new_only", "all"))
+    early_stop: int | None = knob(
         None, "stop after this round, committing everything (`~` = run all `T`)", _OPT_INT, low=1
     )
 
@@ -167,15 +173,17 @@ class NAT2Decode:
 
 @dataclass(frozen=True)
 class NAT2Feedback:
-    mode: str = opt("hard", "`soft`: expected code for `D_MF`", choices=("hard", "soft"))
-    mf_input: str = opt("refined", "`flow`: `D_MF` keeps `x_hat` (Stage III only)", choices=("refined", "flow"))
+    """``network_g.nat2.feedback``: what GLARE's decoders get."""
+
+    mode: str = knob("hard", "`soft`: expected code for `D_MF`", choices=("hard", "soft"))
+    mf_input: str = knob("refined", "`flow`: `D_MF` keeps `x_hat` (Stage III only)", choices=("refined", "flow"))
 
 
 @dataclass(frozen=True)
 class NAT2Options:
     """``network_g.nat2``: the latent NAT (NAT-II)."""
 
-    enable: bool = opt(True, "apply the latent NAT")
+    enable: bool = knob(True, "apply the latent NAT")
     grid: NAT2Grid = group(NAT2Grid)
     model: NAT2Model = group(NAT2Model)
     uncertainty: NAT2Uncertainty = group(NAT2Uncertainty)
@@ -202,33 +210,37 @@ class NAT2Options:
 # --------------------------------------------------------------------------------------------- network_g.nat3
 @dataclass(frozen=True)
 class NAT3Model:
-    dim: int = opt(384, "transformer width", low=1)
-    depth: int = opt(4, "transformer blocks", low=1)
-    heads: int = opt(6, "attention heads (must divide `dim`)", low=1)
-    patch: int = opt(2, "patch side", low=1)
+    """``network_g.nat3.model``: the transformer."""
+
+    dim: int = knob(384, "transformer width", low=1)
+    depth: int = knob(4, "transformer blocks", low=1)
+    heads: int = knob(6, "attention heads (must divide `dim`)", low=1)
+    patch: int = knob(2, "patch side", low=1)
 
 
 @dataclass(frozen=True)
 class NAT3Mask:
-    tau3: float | str = opt(
+    """``network_g.nat3.mask``: the patch mask."""
+
+    tau3: float | str = knob(
         "auto",
         "patch-uncertainty threshold (`auto` = calibrated, or a number that wins over the checkpoint's value)",
         _AUTO_NUM,
         autos=("auto",),
     )
-    rho3_max: float = opt(0.5, "cap on the masked patch fraction", low=0, high=1)
+    rho3_max: float = knob(0.5, "cap on the masked patch fraction", low=0, high=1)
 
 
 @dataclass(frozen=True)
 class NAT3Options:
     """``network_g.nat3``: the decoder NAT (NAT-III)."""
 
-    enable: bool = opt(False, "apply the decoder NAT")
-    level: str = opt("h4", "insertion point: after `D_MF`'s `mid` block", choices=("h4",))
+    enable: bool = knob(False, "apply the decoder NAT")
+    level: str = knob("h4", "insertion point: after `D_MF`'s `mid` block", choices=("h4",))
     model: NAT3Model = group(NAT3Model)
     mask: NAT3Mask = group(NAT3Mask)
-    iters: int = opt(1, "passes", choices=(1,))
-    residual: str = opt("masked_only", "`all`: add `delta` everywhere", choices=("masked_only", "all"))
+    iters: int = knob(1, "passes", choices=(1,))
+    residual: str = knob("masked_only", "`all`: add `delta` everywhere", choices=("masked_only", "all"))
 
     def problems(self, where: str) -> list[str]:
         m = self.model
@@ -245,23 +257,23 @@ _CALIB_DATASET = "dataset (`datasets.<name>`) whose images calibrate the `auto` 
 class NAT2TrainOptions:
     """``train.nat2``: NAT-II training (the optimiser uses BasicSR's own keys)."""
 
-    r_dist: str = opt(
+    r_dist: str = knob(
         "uniform",
         "masking-ratio distribution: `uniform`, `maskgit_cos`, `beta_12_3`",
         choices=("uniform", "maskgit_cos", "beta_12_3"),
     )
-    r_min: float = opt(0.05, "lower bound of the uniform ratio", low=0, high=1)
-    r_max: float = opt(0.6, "upper bound of the uniform ratio", low=0, high=1)
-    beta_entropy: float = opt(4.0, "weight of the score in the training mask (0 = uniform, `.inf` = top score)", low=0)
-    label_smoothing: float = opt(0.1, "cross-entropy label smoothing", low=0, high=1)
-    lambda_vis: float = opt(
+    r_min: float = knob(0.05, "lower bound of the uniform ratio", low=0, high=1)
+    r_max: float = knob(0.6, "upper bound of the uniform ratio", low=0, high=1)
+    beta_entropy: float = knob(4.0, "weight of the score in the training mask (0 = uniform, `.inf` = top score)", low=0)
+    label_smoothing: float = knob(0.1, "cross-entropy label smoothing", low=0, high=1)
+    lambda_vis: float = knob(
         0.0, "weight of the cross-entropy at visible positions (logits at all positions: memory)", low=0
     )
-    p_gt_visible: float = opt(0.0, "probability per sample that visible tokens are the teacher codes", low=0, high=1)
-    unroll_p: float = opt(0.0, "probability of training from the state after `t*` decoding rounds", low=0, high=1)
-    full_frames: bool = opt(True, "train on whole frames; must agree with `datasets.train.gt_size: ~`")
-    calib_dataset: str = opt("val", _CALIB_DATASET)
-    calib_max_images: int = opt(50, "at most this many calibration images", low=1)
+    p_gt_visible: float = knob(0.0, "probability per sample that visible tokens are the teacher codes", low=0, high=1)
+    unroll_p: float = knob(0.0, "probability of training from the state after `t*` decoding rounds", low=0, high=1)
+    full_frames: bool = knob(True, "train on whole frames; must agree with `datasets.train.gt_size: ~`")
+    calib_dataset: str = knob("val", _CALIB_DATASET)
+    calib_max_images: int = knob(50, "at most this many calibration images", low=1)
 
     def problems(self, where: str) -> list[str]:
         if self.r_min > self.r_max:
@@ -273,17 +285,14 @@ class NAT2TrainOptions:
 class NAT3TrainOptions:
     """``train.nat3``: NAT-III training."""
 
-    train_random_r_max: float = opt(
+    train_random_r_max: float = knob(
         0.5, "extra random patches in training masks (fraction `~ U(0, r_max)`)", low=0, high=1
     )
-    lambda_mfm: float = opt(0.1, "weight of masked feature modelling", low=0)
-    lr: float = opt(2.0e-4, "learning rate of NAT-III's optimiser group", low=0)
-    warmup: int = opt(1000, "linear warm-up iterations of NAT-III's group", low=0)
-    calib_dataset: str = opt("val", _CALIB_DATASET)
-    calib_max_images: int = opt(50, "at most this many calibration images", low=1)
-
-    def problems(self, where: str) -> list[str]:
-        return []
+    lambda_mfm: float = knob(0.1, "weight of masked feature modelling", low=0)
+    lr: float = knob(2.0e-4, "learning rate of NAT-III's optimiser group", low=0)
+    warmup: int = knob(1000, "linear warm-up iterations of NAT-III's group", low=0)
+    calib_dataset: str = knob("val", _CALIB_DATASET)
+    calib_max_images: int = knob(50, "at most this many calibration images", low=1)
 
 
 #: The YAML blocks of the schema: option key -> dataclass.
@@ -432,8 +441,10 @@ def nat_option_problems(opt: Mapping[str, Any]) -> list[str]:
 
 
 def explicit_value(value: float | str | None) -> float | None:
-    """A ``number_or_auto`` option as a float, or None for ``auto`` (the calibrated value is kept)."""
-    return None if value is None or isinstance(value, str) else float(value)
+    """A ``number_or_auto`` option as a float, or None for ``auto`` and NaN (the calibrated value is kept)."""
+    if value is None or isinstance(value, str) or math.isnan(float(value)):
+        return None
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------------ docs
@@ -485,4 +496,3 @@ NAT_KNOB_LOCATIONS: dict[str, str] = {
     "nat3.mask.train_random_r_max": "train.nat3.train_random_r_max",
     "nat3.lambda_mfm": "train.nat3.lambda_mfm",
 }
-
