@@ -240,7 +240,6 @@ class MaskedDecoding:
         mask, v = state.mask, state.v
         query = mask if self.remask_scope == "new_only" else torch.ones_like(mask)
         state.rounds += 1
-        by_threshold = self.remask_rule == "threshold"
         hidden = hidden_of(v.reshape(b, h, w), query.reshape(b, h, w))
         pred, conf, soft_q, ent_q = self._decode_rows(
             hidden,
@@ -249,22 +248,51 @@ class MaskedDecoding:
             codebook,
             generator,
             want_soft=state.soft is not None,
-            want_entropy=stats or by_threshold,
+            want_entropy=stats or self.remask_rule == "threshold",
         )
-        if self.choice_temp > 0:
+        new_mask = self.still_masked(state, query, conf, ent_q, t, t_exec, generator)
+        self.commit(state, query, pred, new_mask, soft_q, ent_q)
+
+    def still_masked(
+        self,
+        state: DecodeState,
+        query: Tensor,
+        conf: Tensor,
+        ent_q: Tensor | None,
+        t: int,
+        t_exec: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """``M_t`` (bool ``B x N``) from the ``N_q`` query rows' confidence ``conf`` (plus the annealed Gumbel
+        noise ``choice_temp (1 - t/T)``) or NAT entropy ``ent_q`` (``remask_rule='threshold'``)."""
+        if self.choice_temp > 0:  # drawn under either rule, so that the generator advances alike
             conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(conf.shape, conf.device, generator)
-        if by_threshold:  # M_t = {i in M_(t-1): H_NAT(i) > tau}, M_T empty (query = mask here)
-            new_mask = torch.zeros_like(mask)
+        if self.remask_rule == "threshold":  # M_t = {i in M_(t-1): H_NAT(i) > tau}, M_T empty (query = mask here)
+            new_mask = torch.zeros_like(state.mask)
             if t < t_exec:
                 new_mask[query] = ent_q > self._calibrated("tau")
-        else:
-            n_t = still_masked_counts(state.n0, mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
-            scores = torch.full((b, h * w), float("inf"), device=conf.device)
-            scores[query] = conf
-            new_mask = topk_mask(scores, n_t, largest=False)
-        pred_full = v.clone()
+            return new_mask
+        n_t = still_masked_counts(state.n0, state.mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
+        scores = torch.full(state.mask.shape, float("inf"), device=conf.device)
+        scores[query] = conf
+        return topk_mask(scores, n_t, largest=False)
+
+    def commit(
+        self,
+        state: DecodeState,
+        query: Tensor,
+        pred: Tensor,
+        new_mask: Tensor,
+        soft_q: Tensor | None,
+        ent_q: Tensor | None,
+    ) -> None:
+        """Write the round into ``state``: predictions ``pred`` (``N_q``) at the query rows, ``[MASK]`` on
+        ``new_mask`` (``B x N``); the newly committed positions keep their expected code ``soft_q`` and NAT entropy
+        ``ent_q`` (``N_q x code_dim`` / ``N_q``, when computed)."""
+        b, h, w = state.shape
+        pred_full = state.v.clone()
         pred_full[query] = pred
-        committed = mask & ~new_mask
+        committed = state.mask & ~new_mask
         committed_q = committed[query]
         if state.soft is not None and soft_q is not None:
             state.soft = state.soft.index_put((committed,), soft_q[committed_q].to(state.soft.dtype))

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from glare_nat_arch.glare_arch import pad_to_multiple
 from glare_nat_arch.glare_nat_arch import GLARE_PREFIXES, NAT_PREFIXES, GLARENATFlowNet, GLARENATNet, vqgan_codebook
 from glare_nat_arch.nat_head import masked_ce_loss
-from glare_nat_arch.nat_options import NAT2Options, NAT2TrainOptions, NAT3TrainOptions, parse_options
+from glare_nat_arch.nat_options import NAT2TrainOptions, NAT3TrainOptions, parse_options
 from glare_nat_arch.nat_uncertainty import sample_train_mask
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel
@@ -163,7 +163,7 @@ class _NATModelMixin:
         if not (need_dt or need_tau or need_t3):
             return {}
         codebook = vqgan_codebook(self.net_vq)
-        rho = nat2.rho_target if nat2 is not None else NAT2Options().uncertainty.rho_target
+        rho = nat2.rho_target  # NAT-III keeps a NAT-II for its uncertainty: nat2 is there when anything is
         modes = {m: m.training for m in (nat2, nat3) if m is not None}
         for m in modes:
             m.eval()
