@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
@@ -72,20 +73,17 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
-        hd = d // self.heads
-        if queries is None:
-            qkv = self.qkv(x).reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
+        d, heads = x.shape[-1], self.heads
+        if queries is None:  # q, k, v each B x heads x N x head_dim
+            q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=heads).unbind(0)
         else:
             w, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(queries, w[:d], None if bias is None else bias[:d])
-            q = q.reshape(b, -1, self.heads, hd).transpose(1, 2)  # B x heads x Q x head_dim
-            kv = F.linear(x, w[d:], None if bias is None else bias[d:]).reshape(b, n, 2, self.heads, hd)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+            q = rearrange(q, "b q (h e) -> b h q e", h=heads)  # B x heads x Q x head_dim
+            kv = F.linear(x, w[d:], None if bias is None else bias[d:])
+            k, v = rearrange(kv, "b n (two h e) -> two b h n e", two=2, h=heads).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, -1, d)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(rearrange(out, "b h q e -> b q (h e)")))
 
 
 class Mlp(nn.Module):

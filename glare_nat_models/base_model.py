@@ -391,14 +391,22 @@ class GLAREBaseModel(SRModel):
 
     @torch.no_grad()
     def model_ema(self, decay: float = 0.999) -> None:
-        """EMA of ``net_g``'s parameters into ``net_g_ema``; buffers (e.g. ActNorm init flags) are copied."""
+        """EMA of ``net_g``'s trainable parameters into ``net_g_ema``; frozen parameters and all buffers (e.g.
+        ActNorm init flags, calibrated NAT thresholds) are copied exactly.
+
+        (An EMA update of a constant tensor, ``p * d + p * (1 - d)``, drifts by float rounding; copying keeps the
+        frozen part of ``params_ema`` bit-identical to the loaded weights.)
+        """
         net_g = self.get_bare_model(self.net_g)
         src = dict(net_g.named_parameters())
         for k, p in self.net_g_ema.named_parameters():
-            p.data.mul_(decay).add_(src[k].data, alpha=1 - decay)
+            if src[k].requires_grad:
+                p.mul_(decay).add_(src[k].data, alpha=1 - decay)
+            else:
+                p.copy_(src[k].data)
         src_buf = dict(net_g.named_buffers())
         for k, b in self.net_g_ema.named_buffers():
-            b.data.copy_(src_buf[k].data)
+            b.copy_(src_buf[k])
 
     # ------------------------------------------------------------------ inference / validation
     def inference_net(self) -> nn.Module:

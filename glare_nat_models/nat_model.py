@@ -33,16 +33,14 @@ Checkpoint inputs (``path``; each with ``param_key_*`` and ``strict_load_*``, de
 ``pretrain_network_g``      the whole ``network_g`` (loaded last, so it wins).
 
 Calibrated values travel in the checkpoints (buffers ``nat2.dist_temp``, ``nat2.tau``, ``nat3.tau3``); a number given
-in the options (``network_g.nat2.uncertainty.tau: 0.5``) overrides the loaded value, ``auto`` keeps it.
-
-Where each knob of docs/nat.md "Options" lives in the YAML: :data:`NAT_KNOB_LOCATIONS`.
+in the options (``network_g.nat2.uncertainty.tau: 0.5``) overrides the loaded value, ``auto`` keeps it (the networks
+apply this when they load a state dict). The options' schema and defaults: :mod:`glare_nat_arch.nat_options`; the
+validation statistics: :mod:`glare_nat_models.nat_stats`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -58,175 +56,20 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.glare_arch import pad_to_multiple
-from glare_nat_arch.glare_nat_arch import (
-    GLARE_PREFIXES,
-    NAT2_DEFAULTS,
-    NAT3_DEFAULTS,
-    NAT_PREFIXES,
-    GLARENATFlowNet,
-    GLARENATNet,
-    resolve_nat_config,
-    vqgan_codebook,
-)
-from glare_nat_arch.nat_arch import masked_ce_loss
+from glare_nat_arch.glare_nat_arch import GLARE_PREFIXES, NAT_PREFIXES, GLARENATFlowNet, GLARENATNet, vqgan_codebook
+from glare_nat_arch.nat_head import masked_ce_loss
+from glare_nat_arch.nat_options import NAT2TrainOptions, NAT3TrainOptions, parse_options
 from glare_nat_arch.nat_uncertainty import sample_train_mask
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
+from glare_nat_models.nat_stats import NATValStats, write_nat_stats
 
 __all__ = [
-    "NAT2_TRAIN_DEFAULTS",
-    "NAT3_TRAIN_DEFAULTS",
-    "NAT_KNOB_LOCATIONS",
-    "binary_auroc",
-    "NATValStats",
     "mfm_loss",
     "GLARENATModel",
     "GLARENATAFTModel",
 ]
-
-#: ``train.nat2`` (docs/nat.md "Options" ``nat2.train`` minus the optimiser knobs, which use BasicSR's own keys; see
-#: :data:`NAT_KNOB_LOCATIONS`) plus two non-spec keys choosing the calibration images.
-NAT2_TRAIN_DEFAULTS: dict[str, Any] = {
-    "r_dist": "uniform",
-    "r_min": 0.05,
-    "r_max": 0.6,
-    "beta_entropy": 4.0,
-    "label_smoothing": 0.1,
-    "lambda_vis": 0.0,
-    "p_gt_visible": 0.0,
-    "unroll_p": 0.0,
-    "full_frames": True,
-    "calib_dataset": "val",
-    "calib_max_images": 50,
-}
-
-#: ``train.nat3``: the training knobs of ``nat3`` (docs/nat.md "Training the dual-NAT Stage III") and the
-#: calibration keys.
-NAT3_TRAIN_DEFAULTS: dict[str, Any] = {
-    "train_random_r_max": 0.5,
-    "lambda_mfm": 0.1,
-    "lr": 2.0e-4,
-    "warmup": 1000,
-    "calib_dataset": "val",
-    "calib_max_images": 50,
-}
-
-
-def _network_knobs(block: str, defaults: Mapping[str, Any]) -> dict[str, str]:
-    """``{'nat2.model.dim': 'network_g.nat2.model.dim', ...}`` for every leaf of a network block."""
-    out = {}
-    for group, value in defaults.items():
-        for key in value if isinstance(value, Mapping) else [None]:
-            leaf = group if key is None else f"{group}.{key}"
-            out[f"{block}.{leaf}"] = f"network_g.{block}.{leaf}"
-    return out
-
-
-#: docs/nat.md knob -> its YAML key (``network_g.*`` for the model, ``train.*`` / ``datasets.*`` for training).
-#: The optimiser knobs of ``nat2.train`` map to BasicSR's own keys so that they are not duplicated.
-NAT_KNOB_LOCATIONS: dict[str, str] = {
-    **_network_knobs("nat2", NAT2_DEFAULTS),
-    **{f"nat2.train.{k}": f"train.nat2.{k}" for k in NAT2_TRAIN_DEFAULTS if not k.startswith("calib_")},
-    "nat2.train.lr": "train.optim_g.lr",
-    "nat2.train.wd": "train.optim_g.weight_decay",
-    "nat2.train.betas": "train.optim_g.betas",
-    "nat2.train.warmup": "train.warmup_iter",
-    "nat2.train.steps": "train.total_iter",
-    "nat2.train.ema": "train.ema_decay",
-    "nat2.train.batch": "datasets.train.total_batch_size",
-    **_network_knobs("nat3", NAT3_DEFAULTS),
-    "nat3.mask.train_random_r_max": "train.nat3.train_random_r_max",
-    "nat3.lambda_mfm": "train.nat3.lambda_mfm",
-}
-
-
-# ----------------------------------------------------------------------------------------------------- statistics
-def binary_auroc(scores: Tensor, labels: Tensor) -> float | None:
-    """Area under the ROC curve of ``scores`` predicting boolean ``labels`` (Mann-Whitney, ties count half).
-
-    Returns None when one class is absent (AUROC undefined).
-    """
-    s = scores.reshape(-1).double()
-    y = labels.reshape(-1).bool()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    avg_rank = ends - (counts.double() - 1) / 2  # 1-based mean rank of each distinct value
-    rank_sum = avg_rank[inverse][y].sum().item()
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-class NATValStats:
-    """Accumulates NAT-II token statistics over validation images (docs/nat.md "Validation statistics").
-
-    Per image: flow codes ``v0``, NAT codes ``v^T``, teacher codes ``y``, initial mask ``M0`` and entropy ``H``
-    (``B x h x w``). :meth:`summary` gives a flat dict: counts, ``masked_frac`` = |M0| / N, token accuracies of the
-    flow and NAT codes on M0 (``acc_flow_masked``, ``acc_nat_masked``) and everywhere (``acc_flow_all``,
-    ``acc_nat_all``), ``auroc_entropy`` = AUROC(H -> [v0 != y]) over all positions (None if undefined) and
-    ``auroc_score``, the same for the uncertainty that masks (``nat2.uncertainty.source``; equal to
-    ``auroc_entropy`` for the default ``entropy``), and the mean PSNR of every image set given to :meth:`add_psnr`
-    as ``psnr_<name>`` (the oracle rows of docs/nat.md "Validation statistics").
-    """
-
-    def __init__(self) -> None:
-        self.n_images = 0
-        self.counts = {"pos": 0, "masked": 0, "flow_ok_m": 0, "nat_ok_m": 0, "flow_ok": 0, "nat_ok": 0}
-        self.entropy: list[Tensor] = []
-        self.score: list[Tensor] = []
-        self.wrong: list[Tensor] = []
-        self.psnr: dict[str, list[float]] = {}
-
-    def add_psnr(self, name: str, output: Tensor, gt: Tensor) -> None:
-        """Per-image PSNR ``10 log10(1 / MSE)`` of ``output`` (clamped to [0, 1]) against ``gt`` (``B x 3 x H x W``
-        floats in [0, 1]; float64, no rounding) under ``psnr_<name>``."""
-        if output.shape != gt.shape:
-            raise ValueError(f"NATValStats.add_psnr({name!r}): output {tuple(output.shape)} vs gt {tuple(gt.shape)}")
-        mse = (output.double().clamp(0, 1) - gt.double()).pow(2).flatten(1).mean(1)
-        self.psnr.setdefault(name, []).extend((10 * torch.log10(1 / mse)).tolist())
-
-    def update(
-        self, v0: Tensor, v_nat: Tensor, y: Tensor, mask0: Tensor, entropy: Tensor, score: Tensor | None = None
-    ) -> None:
-        """All ``B x h x w``: flow codes, NAT codes, teacher codes, initial mask, flow entropy and (default: the
-        entropy) the uncertainty score that masked."""
-        flow_ok, nat_ok = v0 == y, v_nat == y
-        c = self.counts
-        c["pos"] += y.numel()
-        c["masked"] += int(mask0.sum())
-        c["flow_ok_m"] += int((flow_ok & mask0).sum())
-        c["nat_ok_m"] += int((nat_ok & mask0).sum())
-        c["flow_ok"] += int(flow_ok.sum())
-        c["nat_ok"] += int(nat_ok.sum())
-        self.n_images += y.shape[0]
-        self.entropy.append(entropy.detach().float().reshape(-1).cpu())
-        self.score.append((entropy if score is None else score).detach().float().reshape(-1).cpu())
-        self.wrong.append((~flow_ok).reshape(-1).cpu())
-
-    def summary(self) -> dict[str, float | int | None]:
-        c = self.counts
-
-        def ratio(a: int, b: int) -> float | None:
-            return a / b if b else None
-
-        wrong = torch.cat(self.wrong) if self.wrong else None
-        auroc = binary_auroc(torch.cat(self.entropy), wrong) if self.entropy else None
-        auroc_score = binary_auroc(torch.cat(self.score), wrong) if self.score else None
-        return {
-            "n_images": self.n_images,
-            "n_positions": c["pos"],
-            "n_masked": c["masked"],
-            "masked_frac": ratio(c["masked"], c["pos"]),
-            "acc_flow_masked": ratio(c["flow_ok_m"], c["masked"]),
-            "acc_nat_masked": ratio(c["nat_ok_m"], c["masked"]),
-            "acc_flow_all": ratio(c["flow_ok"], c["pos"]),
-            "acc_nat_all": ratio(c["nat_ok"], c["pos"]),
-            "auroc_entropy": auroc,
-            "auroc_score": auroc_score,
-            **{f"psnr_{name}": sum(v) / len(v) for name, v in self.psnr.items()},
-        }
 
 
 def mfm_loss(h_hat: Tensor, h_star: Tensor, pixel_mask: Tensor) -> Tensor:
@@ -242,7 +85,7 @@ def mfm_loss(h_hat: Tensor, h_star: Tensor, pixel_mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------- shared
 class _NATModelMixin:
-    """Checkpoint parts, exact EMA of frozen parts, calibration and option checks shared by both NAT models."""
+    """Checkpoint parts, calibration and option checks shared by both NAT models."""
 
     opt: dict
     net_g: nn.Module
@@ -284,34 +127,6 @@ class _NATModelMixin:
         )
         return True
 
-    def load_pretrained_g(self) -> None:
-        """Stock ``pretrain_network_g`` loading, then numeric NAT option values override the loaded buffers."""
-        super().load_pretrained_g()
-        self.bare_net().apply_option_values()
-
-    def setup_ema(self) -> None:
-        super().setup_ema()
-        if hasattr(self, "net_g_ema"):
-            self.net_g_ema.apply_option_values()
-
-    @torch.no_grad()
-    def model_ema(self, decay: float = 0.999) -> None:
-        """EMA of the trainable parameters; frozen parameters and all buffers are copied exactly.
-
-        (An EMA update of a constant tensor, ``p * d + p * (1 - d)``, drifts by float rounding; copying keeps the
-        frozen GLARE part of ``params_ema`` bit-identical to the loaded weights.)
-        """
-        net_g = self.bare_net()
-        src = dict(net_g.named_parameters())
-        for k, p in self.net_g_ema.named_parameters():
-            if src[k].requires_grad:
-                p.mul_(decay).add_(src[k].data, alpha=1 - decay)
-            else:
-                p.copy_(src[k].data)
-        src_buf = dict(net_g.named_buffers())
-        for k, b in self.net_g_ema.named_buffers():
-            b.copy_(src_buf[k])
-
     def needs_calibration(self) -> bool:
         """True while an ``auto`` NAT threshold / temperature is still NaN (uncalibrated)."""
         bare = self.bare_net()
@@ -321,18 +136,16 @@ class _NATModelMixin:
             values.append(nat3.tau3)
         return any(math.isnan(float(v)) for v in values)
 
-    def calibration_images(self, train_cfg: Mapping[str, Any]) -> list[Tensor] | None:
+    def calibration_images(self, train_cfg: NAT2TrainOptions | NAT3TrainOptions) -> list[Tensor] | None:
         """Low-light images (``1 x 3 x H x W`` each) of ``datasets.<calib_dataset>``, or None if not configured."""
-        name = train_cfg["calib_dataset"]
+        name = train_cfg.calib_dataset
         ds_opt = (self.opt.get("datasets") or {}).get(name)
         if ds_opt is None:
             return None
         ds_opt = deepcopy(dict(ds_opt))
         ds_opt.setdefault("phase", name.split("_")[0])
         dataset = build_dataset(ds_opt)
-        count = min(len(dataset), int(train_cfg["calib_max_images"]))
-        if count < 1:
-            raise ValueError(f"train: calib_max_images must be >= 1, got {train_cfg['calib_max_images']}")
+        count = min(len(dataset), train_cfg.calib_max_images)
         return [dataset[i]["lq"][None] for i in range(count)]
 
     @torch.no_grad()
@@ -350,7 +163,7 @@ class _NATModelMixin:
         if not (need_dt or need_tau or need_t3):
             return {}
         codebook = vqgan_codebook(self.net_vq)
-        rho = float(bare.nat2_cfg["uncertainty"]["rho_target"])
+        rho = nat2.rho_target  # NAT-III keeps a NAT-II for its uncertainty: nat2 is there when anything is
         modes = {m: m.training for m in (nat2, nat3) if m is not None}
         for m in modes:
             m.eval()
@@ -384,17 +197,17 @@ class _NATModelMixin:
         )
         return values
 
-    def calibrate_before_training(self, train_cfg: Mapping[str, Any]) -> None:
+    def calibrate_before_training(self, train_cfg: NAT2TrainOptions | NAT3TrainOptions) -> None:
         """Calibrate on ``datasets.<calib_dataset>`` now, or leave it to the first training batch (logged)."""
         if not self.needs_calibration():
             return
         images = self.calibration_images(train_cfg)
         if images is None:
             get_root_logger().info(
-                f"NAT calibration deferred to the first training batch (no datasets.{train_cfg['calib_dataset']})"
+                f"NAT calibration deferred to the first training batch (no datasets.{train_cfg.calib_dataset})"
             )
             return
-        self.calibrate_nats(images, f"datasets.{train_cfg['calib_dataset']}")
+        self.calibrate_nats(images, f"datasets.{train_cfg.calib_dataset}")
 
     def check_full_frames(self, full_frames: bool) -> None:
         """``train.nat2.full_frames`` must agree with ``datasets.train.gt_size`` (full frames = no crop)."""
@@ -414,15 +227,7 @@ class _NATModelMixin:
         """``nat_val_stats_<iter>.json`` and ``nat_val_stats_latest.json`` in the experiment (or results) folder."""
         path_opt = self.opt["path"]
         root = path_opt.get("experiments_root") or path_opt.get("results_root") or osp.dirname(path_opt["log"])
-        os.makedirs(root, exist_ok=True)
-        text = json.dumps(dict(stats), indent=2)
-        target = osp.join(root, f"nat_val_stats_{current_iter}.json")
-        for name in (target, osp.join(root, "nat_val_stats_latest.json")):
-            tmp = f"{name}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, name)
-        return target
+        return write_nat_stats(root, stats, current_iter)
 
 
 # ----------------------------------------------------------------------------------------------------- Stage II
@@ -454,14 +259,9 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
         self._val_stats: NATValStats | None = None
 
     def init_training_settings(self) -> None:
-        self.nat_train = resolve_nat_config(self.opt["train"].get("nat2"), NAT2_TRAIN_DEFAULTS, "train.nat2")
+        self.nat_train = parse_options(NAT2TrainOptions, self.opt["train"].get("nat2"), "train.nat2")
         cfg = self.nat_train
-        if cfg["r_dist"] not in ("uniform", "maskgit_cos", "beta_12_3"):
-            raise ValueError(f"train.nat2.r_dist must be uniform, maskgit_cos or beta_12_3, got {cfg['r_dist']!r}")
-        for key in ("p_gt_visible", "unroll_p"):
-            if not 0.0 <= float(cfg[key]) <= 1.0:
-                raise ValueError(f"train.nat2.{key} must be in [0, 1], got {cfg[key]}")
-        self.check_full_frames(bool(cfg["full_frames"]))
+        self.check_full_frames(cfg.full_frames)
         self.calibrate_before_training(cfg)
         self.setup_ema()
         self.set_train_mode()
@@ -478,14 +278,12 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
         score = self.bare_net().nat2_score(rev, codebook)  # flow_mc only, else None
         unc = nat2.uncertainty(rev["z_hat"], codebook, score)
         visible = unc.codes
-        if float(cfg["p_gt_visible"]) > 0:
-            pick = torch.rand(y.shape[0], device=y.device) < float(cfg["p_gt_visible"])
+        if cfg.p_gt_visible > 0:
+            pick = torch.rand(y.shape[0], device=y.device) < cfg.p_gt_visible
             visible = torch.where(pick[:, None, None], y, visible)
-        mask = sample_train_mask(
-            unc.score, float(cfg["r_min"]), float(cfg["r_max"]), float(cfg["beta_entropy"]), None, cfg["r_dist"]
-        )
+        mask = sample_train_mask(unc.score, cfg.r_min, cfg.r_max, cfg.beta_entropy, None, cfg.r_dist)
         tokens = torch.where(mask, nat2.mask_token_id, visible)
-        if nat2.iters > 1 and random.random() < float(cfg["unroll_p"]):
+        if nat2.iters > 1 and random.random() < cfg.unroll_p:
             t_star = random.randint(1, nat2.iters - 1)
             was_training = nat2.training
             nat2.eval()
@@ -509,12 +307,12 @@ class GLARENATModel(_NATModelMixin, GLAREBaseModel):
             rev = bare.reverse(lq)
             y = self.net_vq.quantize.nearest_indices(self.net_vq.encode(gt))
             tokens, mask, entropy = self.training_tokens(rev, y)
-        lambda_vis = float(cfg["lambda_vis"])
+        lambda_vis = cfg.lambda_vis
         query = mask if lambda_vis == 0 else torch.ones_like(mask)
         with self.autocast():
             logits = nat2.logits(tokens, rev["z_hat"], rev["color_map"], rev["cond"], entropy, query)
         rows = mask[query]  # which query rows are masked positions (logits follow tensor[query] order)
-        eps = float(cfg["label_smoothing"])
+        eps = cfg.label_smoothing
         loss_dict = OrderedDict(l_ce=masked_ce_loss(logits[rows], y[mask], label_smoothing=eps))
         if lambda_vis > 0:
             loss_dict["l_vis"] = lambda_vis * masked_ce_loss(logits[~rows], y[query & ~mask], label_smoothing=eps)
@@ -615,8 +413,8 @@ class GLARENATAFTModel(_NATModelMixin, GLAREAFTModel):
         self.freeze(*frozen)
 
     def init_training_settings(self) -> None:
-        self.nat3_train = resolve_nat_config(self.opt["train"].get("nat3"), NAT3_TRAIN_DEFAULTS, "train.nat3")
-        self.nat3_warmup = int(self.nat3_train["warmup"])
+        self.nat3_train = parse_options(NAT3TrainOptions, self.opt["train"].get("nat3"), "train.nat3")
+        self.nat3_warmup = self.nat3_train.warmup
         self.calibrate_before_training(self.nat3_train)
         super().init_training_settings()
 
@@ -631,7 +429,7 @@ class GLARENATAFTModel(_NATModelMixin, GLAREAFTModel):
             groups.append({"params": rest, "name": "decoder"})
         mine = [p for p in params if id(p) in nat3_ids]
         if mine:
-            groups.append({"params": mine, "lr": float(self.nat3_train["lr"]), "name": "nat3"})
+            groups.append({"params": mine, "lr": self.nat3_train.lr, "name": "nat3"})
         self.optimizer_g = self.build_optimizer(self.opt["train"]["optim_g"], groups, "optim_g")
         self.optimizers.append(self.optimizer_g)
         self.check_frozen_not_optimized()
@@ -657,8 +455,8 @@ class GLARENATAFTModel(_NATModelMixin, GLAREAFTModel):
         if self.needs_calibration():
             self.calibrate_nats([self.lq], f"the first training batch (iteration {current_iter})")
         nat3 = self.bare_net().nat3
-        lambda_mfm = float(self.nat3_train["lambda_mfm"]) if nat3 is not None else 0.0
-        r_max = float(self.nat3_train["train_random_r_max"]) if nat3 is not None else 0.0
+        lambda_mfm = self.nat3_train.lambda_mfm if nat3 is not None else 0.0
+        r_max = self.nat3_train.train_random_r_max if nat3 is not None else 0.0
         self.optimizer_g.zero_grad(set_to_none=True)
         with self.autocast():
             out = self.net_g(self.lq, self.net_vq, return_intermediates=nat3 is not None, nat3_random_r_max=r_max)

@@ -6,7 +6,9 @@ once and collects, with the dotted option key that names each:
 * data: every ``datasets.<phase>.dataroot*`` / ``meta_info_file`` that does not exist;
 * checkpoints: every ``path.pretrain_network_*`` and ``path.resume_state`` that is not a file;
 * local weights of the losses and metrics that need them (``VGG16PerceptualLoss``, ``LPIPSLoss``,
-  ``calculate_lpips*``): the file the option, the environment variable or torch's cache would give.
+  ``calculate_lpips*``): the file the option, the environment variable or torch's cache would give;
+* the NAT options (``network_g.nat2`` / ``nat3``, ``train.nat2`` / ``nat3``) against their schema
+  (:func:`glare_nat_arch.nat_options.nat_option_problems`): unknown keys, wrong types, unsupported values.
 
 All problems come in one message; nothing is created. Paths are relative to the current directory, as BasicSR
 reads them.
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from glare_nat_arch.nat_options import nat_option_problems
 from glare_nat_models.pretrained import ALEXNET_FILE, RANDOM, VGG16_FILE, resolve_weights
 
 _VGG16 = ("vgg16_weights", "GLARE_NAT_VGG16", VGG16_FILE, "VGG16")
@@ -102,12 +105,13 @@ def preflight(argv: list[str]) -> None:
         return
     with open(opt_file, encoding="utf-8") as f:
         opt = yaml.safe_load(f) or {}
-    problems = missing_inputs(opt, auto_resume="--auto_resume" in argv)
+    problems = nat_option_problems(opt) + missing_inputs(opt, auto_resume="--auto_resume" in argv)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
         sys.stderr.write(
-            f"glare-nat: {opt_file} has {len(problems)} problem(s) (missing inputs or conflicting options):\n{lines}\n"
-            "Nothing was started or created. Fix the paths in the option file (relative paths are read from the "
-            "current directory) or put the files there; README.md says where data and weights go.\n"
+            f"glare-nat: {opt_file} has {len(problems)} problem(s) (missing inputs, conflicting or invalid "
+            f"options):\n{lines}\n"
+            "Nothing was started or created. Fix the options or paths in the option file (relative paths are read from "
+            "the current directory) or put the files there; README.md says where data and weights go.\n"
         )
         raise SystemExit(2)

@@ -132,7 +132,7 @@ def calibrate(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor
     book = torch.randn(vq.quantize.embedding.weight.shape, generator=gen) * z.std().item() + z.mean().item()
     vq.quantize.embedding.weight.copy_(book.to(z.device))
     cb = vqgan_codebook(vq)
-    rho = net.nat2_cfg["uncertainty"]["rho_target"]
+    rho = net.nat2.rho_target
     score = net.nat2_score(rev, cb)  # flow_mc only
     values = net.nat2.calibrate(z, cb, rho, scores=None if score is None else [score])
     values["tau3"] = net.nat3.calibrate(net.refine_latent(rev, cb)["uncertainty"], rho)

@@ -1,10 +1,12 @@
-"""NAT models: GLARE + NAT wrappers, NAT-II training, Stage III with both NATs, option files (CPU, tiny sizes)."""
+"""NAT models: GLARE + NAT wrappers, NAT-II training, Stage III with both NATs (CPU, tiny sizes).
+
+The NAT options are tested in test_nat_options.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from copy import deepcopy
 from pathlib import Path
 
@@ -15,229 +17,34 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from basicsr.archs import build_network
 from basicsr.models import build_model
-from basicsr.utils.options import ordered_yaml
 
 import glare_nat_models  # noqa: F401  (registers archs, datasets, losses, metrics, models)
-from glare_nat_arch.glare_arch import GLARENet
-from glare_nat_arch.glare_nat_arch import (
-    GLARE_PREFIXES,
-    NAT2_DEFAULTS,
-    SUPPORTED_VALUES,
-    GLARENATNet,
-    build_latent_nat,
-    resolve_nat_config,
-)
+from glare_nat_arch.glare_nat_arch import GLARENATNet
 from glare_nat_arch.nat_uncertainty import calibrate_dist_temp, calibrate_tau, histogram_entropy
 from glare_nat_models import nat_model
-from glare_nat_models.nat_model import NAT_KNOB_LOCATIONS, binary_auroc, mfm_loss
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "data"
-
-#: docs/nat.md "Options", verbatim (the documented defaults).
-SPEC_61 = """
-nat2:
-  enable: true
-  grid: {merge: 2}
-  model: {dim: 384, depth: 6, heads: 6, mlp_ratio: 4, dropout: 0.1, uvit_skips: false,
-          pos: sincos2d+peg, cond_mode: additive, tok_init: random, mask_hides_latent: false}
-  uncertainty: {source: entropy, dist_temp: auto_median_gap, knn: 64, tau: auto, rho_target: 0.25, rho_max: 0.5}
-  decode: {iters: 4, schedule: cosine, conf: logp, sample_temp: 0.0, choice_temp: 0.0,
-           remask_rule: schedule, remask_scope: new_only, early_stop: null}
-  feedback: {mode: hard, mf_input: refined}
-  train: {r_dist: uniform, r_min: 0.05, r_max: 0.6, beta_entropy: 4.0, label_smoothing: 0.1,
-          lambda_vis: 0.0, p_gt_visible: 0.0, unroll_p: 0.0, full_frames: true,
-          lr: 3.0e-4, wd: 0.05, betas: [0.9, 0.99], warmup: 1000, steps: 40000, ema: 0.999, batch: 8}
-nat3:
-  enable: false
-  level: h4
-  model: {dim: 384, depth: 4, heads: 6, patch: 2}
-  mask: {tau3: auto, rho3_max: 0.5, train_random_r_max: 0.5}
-  iters: 1
-  residual: masked_only
-  lambda_mfm: 0.1
-"""
-
-
-def read_yaml(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return yaml.load(f, Loader=ordered_yaml()[0])
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def lookup(opt: dict, dotted: str):
-    node = opt
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def make_opt(name: str, out_dir: Path, paths: dict, is_train: bool = True) -> dict:
-    """Options as BasicSR's parse_options would produce them (CPU, no dist), outputs under ``out_dir``."""
-    opt = read_yaml(DATA / name)
-    opt.update(is_train=is_train, dist=False, rank=0, world_size=1, num_gpu=0)
-    dirs = {k: str(out_dir / k) for k in ("models", "training_states", "visualization", "log")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
-    opt["path"].update(dirs, experiments_root=str(out_dir))
-    opt["path"].update(paths)
-    return opt
-
-
-def set_nat(opt: dict, **values) -> dict:
-    """Set ``network_g.nat2.uncertainty`` values (``dist_temp``, ``tau``) and ``nat3.mask.tau3``."""
-    g = opt["network_g"]
-    for k in ("dist_temp", "tau"):
-        if k in values:
-            g["nat2"].setdefault("uncertainty", {})[k] = values[k]
-    if "tau3" in values:
-        g["nat3"].setdefault("mask", {})["tau3"] = values["tau3"]
-    return opt
+from glare_nat_models.nat_model import mfm_loss
+from glare_nat_models.nat_stats import binary_auroc
+from tests.nat_model_helpers import (
+    DATA,
+    ROOT,
+    batch,
+    make_nat_checkpoints,
+    make_opt,
+    read_yaml,
+    run_test,
+    set_nat,
+    snapshot,
+    stage2_paths,
+    stage3_paths,
+)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, str]:
-    """Tiny VQGAN, Stage-II, Stage-III (GLARENet) and NAT-II (GLARENATFlowNet) checkpoints matching the YAMLs."""
-    d = tmp_path_factory.mktemp("nat_ckpts")
-    s2 = read_yaml(DATA / "tiny_stage2_nat.yml")
-    torch.manual_seed(0)
-    vq = build_network(deepcopy(s2["network_vq"]))
-    # a spread-out codebook so that flow latents have informative nearest codes
-    vq.quantize.embedding.weight.data.normal_(0, 0.3)
-    glare_kw = {k: v for k, v in s2["network_g"].items() if k not in ("type", "codebook_size", "nat2")}
-    glare = GLARENet(**glare_kw)
-    nat_net = build_network(deepcopy(s2["network_g"]))
-    nat_net.nat2.dist_temp.fill_(0.01)
-    nat_net.nat2.tau.fill_(0.3)
-    stage2 = {k: v for k, v in glare.state_dict().items() if k.startswith(("RRDB.", "flowUpsamplerNet."))}
-    nat_sd = {**stage2, **{k: v for k, v in nat_net.state_dict().items() if k.startswith("nat2.")}}
-    files = {"vq": vq.state_dict(), "stage2": stage2, "glare": glare.state_dict(), "nat2": nat_sd}
-    for name, sd in files.items():
-        torch.save({"params": sd}, d / f"{name}.pth")
-    return {k: str(d / f"{k}.pth") for k in files}
-
-
-def stage2_paths(ckpts: dict) -> dict:
-    return {"pretrain_network_vq": ckpts["vq"], "pretrain_network_stage2": ckpts["stage2"]}
-
-
-def stage3_paths(ckpts: dict) -> dict:
-    return {
-        "pretrain_network_vq": ckpts["vq"],
-        "pretrain_network_glare": ckpts["glare"],
-        "pretrain_network_nat2": ckpts["nat2"],
-    }
-
-
-def batch(seed: int = 0, h: int = 36, w: int = 44) -> dict:
-    """A batch of 2 whose latent (h/4 x w/4 = 9 x 11) has odd sizes."""
-    g = torch.Generator().manual_seed(seed)
-    gt = torch.rand(2, 3, h, w, generator=g)
-    return {"lq": gt * 0.15, "gt": gt, "lq_path": ["a.png", "b.png"]}
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def run_test(model, data: dict) -> torch.Tensor:
-    model.feed_data({"lq": data["lq"]})
-    model.test()
-    return model.get_current_visuals()["result"]
-
-
-# ------------------------------------------------------------------------------------------------- knobs / options
-def test_every_spec_knob_has_a_yaml_key_with_the_spec_default():
-    spec = flatten(yaml.safe_load(SPEC_61))
-    assert set(spec) == set(NAT_KNOB_LOCATIONS), set(spec) ^ set(NAT_KNOB_LOCATIONS)
-    stage2 = read_yaml(ROOT / "options/train_stage2_nat.yml")
-    stage3 = read_yaml(ROOT / "options/train_stage3_nat.yml")
-    for knob, default in spec.items():
-        where = NAT_KNOB_LOCATIONS[knob]
-        opt = stage2 if knob.startswith("nat2.") else stage3
-        value = lookup(opt, where)
-        if knob == "nat3.enable":
-            assert value is True  # the dual-NAT recipe switches NAT-III on; its spec default is off
-            continue
-        assert value == default, f"{knob} -> {where} = {value!r}, spec {default!r}"
-        if knob.startswith("nat2.") and where.startswith("network_g.nat2."):  # Stage III uses the same NAT-II
-            assert lookup(stage3, where) == default, f"train_stage3_nat.yml {where}"
-    # the cosine-to-0 schedule of the documented optimiser
-    assert stage2["train"]["scheduler"] == {"type": "CosineAnnealingRestartLR", "periods": [40000], "eta_min": 0}
-    assert stage2["train"]["optim_g"]["type"] == "AdamW" and stage2["train"]["grad_clip"] == 1.0
-    assert stage3["train"]["nat3"]["lr"] == 2e-4 and stage3["train"]["nat3"]["warmup"] == 1000
-
-
-def test_omitted_knobs_take_the_spec_defaults_and_bad_knobs_are_named():
-    spec = yaml.safe_load(SPEC_61)
-    net2 = {k: v for k, v in spec["nat2"].items() if k != "train"}
-    assert resolve_nat_config({}, NAT2_DEFAULTS, "x") == net2
-    assert resolve_nat_config({"decode": {"iters": 2}}, NAT2_DEFAULTS, "x")["decode"]["schedule"] == "cosine"
-    with pytest.raises(ValueError, match=r"network_g\.nat2\.model\.dimm is unknown"):
-        resolve_nat_config({"model": {"dimm": 3}}, NAT2_DEFAULTS, "network_g.nat2")
-    with pytest.raises(ValueError, match=r"network_g\.nat2\.feedback\.mode = 'gated' is not implemented"):
-        resolve_nat_config({"feedback": {"mode": "gated"}}, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
-    ablations = {"model": {"uvit_skips": True, "pos": "peg", "tok_init": "codebook_lift", "cond_mode": "adaln"}}
-    ablations["uncertainty"] = {"source": "margin"}
-    ablations["decode"] = {"remask_rule": "threshold"}
-    cfg = resolve_nat_config(ablations, NAT2_DEFAULTS, "network_g.nat2", SUPPORTED_VALUES["nat2"])
-    nat = build_latent_nat(cfg, codebook_size=16, code_dim=3, cond_channels=4)
-    assert nat.body.skip_proj is not None and nat.body.peg is not None and nat.pos == "peg"
-    assert nat.tok_init == "codebook_lift" and nat.uncertainty_source == "margin" and nat.cond_merge is not None
-    assert nat.remask_rule == "threshold"
-    with pytest.raises(ValueError, match=r"train\.nat2\.r_maxx"):
-        resolve_nat_config({"r_maxx": 1}, nat_model.NAT2_TRAIN_DEFAULTS, "train.nat2")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "options/train_stage2_nat.yml",
-        "options/train_stage3_nat.yml",
-        "options/test_glare_nat_lol.yml",
-        "options/demo/train_stage2_nat.yml",
-        "options/demo/test_stage2_nat.yml",
-        "options/demo/train_stage3_nat.yml",
-        "options/demo/test_stage3_nat.yml",
-        "options/demo/test_stage3_nat_latent.yml",
-    ],
-)
-def test_option_files_build_their_networks(name):
-    opt = read_yaml(ROOT / name)
-    with torch.device("meta"):  # shapes only: official sizes cost no memory or init time
-        net = build_network(deepcopy(opt["network_g"]))
-        vq = build_network(deepcopy(opt["network_vq"]))
-    assert net.codebook_size == vq.quantize.n_e and net.nat2 is not None and net.nat2_enabled
-    assert type(net).__name__ == ("GLARENATFlowNet" if "stage2" in name else "GLARENATNet")
-    if "nat_latent" in name:
-        assert net.nat3 is None and net.mf_input == "flow"
-    elif type(net).__name__ == "GLARENATNet":
-        assert net.nat3 is not None and net.mf_input == "refined"
-    demo = read_yaml(ROOT / "options/demo/train_stage2_nat.yml") if "demo" in name else None
-    if demo is not None and "stage2" not in name:  # the demo Stage III reuses the demo NAT-II's shape
-        assert net.nat2.tok_emb.weight.shape[1] == demo["network_g"]["nat2"]["model"]["dim"]
-
-
-def test_glare_part_keeps_official_names_and_nats_live_under_their_prefixes():
-    opt = read_yaml(DATA / "tiny_stage3_nat.yml")["network_g"]
-    glare_kw = {k: v for k, v in opt.items() if k not in ("type", "codebook_size", "nat2", "nat3")}
-    plain = set(GLARENet(**glare_kw).state_dict())
-    assert set(GLARENATNet(**glare_kw).state_dict()) == plain  # no NATs: loads net_G.pth strictly
-    keys = set(build_network(deepcopy(opt)).state_dict())
-    assert {k for k in keys if k.startswith(GLARE_PREFIXES)} == plain
-    assert {k.split(".")[0] for k in keys - plain} == {"nat2", "nat3"}
+    """Tiny VQGAN, Stage-II, Stage-III and NAT-II checkpoints matching the YAMLs (one set per module)."""
+    return make_nat_checkpoints(tmp_path_factory.mktemp("nat_ckpts"))
 
 
 def test_every_implemented_ablation_trains_through_the_stock_step(tmp_path, ckpts):
@@ -575,6 +382,9 @@ def test_explicit_option_values_win_over_checkpoint_buffers(tmp_path, ckpts):
     assert float(model.net_g.nat2.tau) == pytest.approx(0.3)  # 'auto': the checkpoint's calibrated value
     model = build_model(set_nat(make_opt("tiny_stage3_nat.yml", tmp_path, stage3_paths(ckpts), False), tau=0.7))
     assert float(model.net_g.nat2.tau) == pytest.approx(0.7)
+    # training: the EMA copy (built from the options, then loaded) keeps the explicit value too
+    model = build_model(set_nat(make_opt("tiny_stage3_nat.yml", tmp_path, stage3_paths(ckpts)), tau=0.7, tau3=0.6))
+    assert float(model.net_g_ema.nat2.tau) == pytest.approx(0.7) and float(model.net_g_ema.nat3.tau3) == 0.6
 
 
 # ------------------------------------------------------------------------------------------------- Stage III
@@ -647,7 +457,6 @@ def test_nat3_only_uses_the_flow_entropy_and_leaves_the_latent_alone():
     opt["nat3"]["mask"] = {"tau3": 0.0}
     torch.manual_seed(0)
     net = build_network(opt).eval()
-    net.apply_option_values()
     vq = build_network(deepcopy(read_yaml(DATA / "tiny_stage3_nat.yml")["network_vq"])).eval()
     with torch.no_grad():
         out = net(batch(9)["lq"], vq, return_intermediates=True)
