@@ -1,4 +1,5 @@
-"""Each compatibility shim has a test that fails without it (run in subprocesses: shims are process-global)."""
+"""Each compatibility shim has a test that fails without it (the import aliases run in subprocesses: they are
+process-global)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from glare_nat_arch import compat
+from glare_nat_models import exact_resume
+from glare_nat_models.launcher import normalise_argv, patch_basicsr
 from tests.conftest import REPO_ROOT
 
 BLOCKER = textwrap.dedent(
@@ -93,14 +95,14 @@ def test_loose_version_alias_when_distutils_missing():
 
 
 def test_normalise_argv():
-    assert compat.normalise_argv(["train.py", "--opt", "a.yml", "--auto_resume"]) == [
+    assert normalise_argv(["train.py", "--opt", "a.yml", "--auto_resume"]) == [
         "train.py",
         "-opt",
         "a.yml",
         "--auto_resume",
     ]
-    assert compat.normalise_argv(["train.py", "--opt=a.yml"]) == ["train.py", "-opt", "a.yml"]
-    assert compat.normalise_argv(["train.py", "-opt", "a.yml"]) == ["train.py", "-opt", "a.yml"]
+    assert normalise_argv(["train.py", "--opt=a.yml"]) == ["train.py", "-opt", "a.yml"]
+    assert normalise_argv(["train.py", "-opt", "a.yml"]) == ["train.py", "-opt", "a.yml"]
 
 
 def _fake_training_state(tmp_path):
@@ -122,11 +124,11 @@ def test_stock_load_resume_state_fails_on_cpu_and_ours_works(tmp_path):
         "path": {"resume_state": str(states / "12.state"), "training_states": str(states)},
         "name": "x",
     }
-    original = bt.load_resume_state if bt.load_resume_state is not compat.load_resume_state else None
+    original = bt.load_resume_state if bt.load_resume_state is not exact_resume.load_resume_state else None
     if original is not None:
         with pytest.raises((RuntimeError, AssertionError)):
             original(dict(opt, path=dict(opt["path"])))
-    state = compat.load_resume_state(dict(opt, path=dict(opt["path"])))
+    state = exact_resume.load_resume_state(dict(opt, path=dict(opt["path"])))
     assert state["iter"] == 12
 
 
@@ -134,7 +136,7 @@ def test_auto_resume_uses_root_training_states_not_cwd(tmp_path, monkeypatch):
     states = _fake_training_state(tmp_path)
     monkeypatch.chdir(REPO_ROOT)
     opt = {"auto_resume": True, "num_gpu": 0, "path": {"training_states": str(states)}, "name": "x"}
-    state = compat.load_resume_state(opt)
+    state = exact_resume.load_resume_state(opt)
     assert state["iter"] == 12
     assert opt["path"]["resume_state"] == str(states / "12.state")
 
@@ -142,5 +144,18 @@ def test_auto_resume_uses_root_training_states_not_cwd(tmp_path, monkeypatch):
 def test_patch_basicsr_replaces_resume_function():
     import basicsr.train as bt
 
-    compat.patch_basicsr()
-    assert bt.load_resume_state is compat.load_resume_state
+    patch_basicsr()
+    assert bt.load_resume_state is exact_resume.load_resume_state
+
+
+def test_arch_and_data_do_not_import_models():
+    """Layering: the network and data packages (and BasicSR's import aliases) never import ``glare_nat_models``."""
+    res = _run(
+        """
+        import sys
+        import glare_nat_arch, glare_nat_data
+        print(sorted(m for m in sys.modules if m.startswith("glare_nat_models")))
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-import glare_nat_arch  # noqa: F401  (compat shims first)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
 from glare_nat_arch.aft import MultiScaleDecoder
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, log_transform, pad_to_multiple
 from glare_nat_arch.vqgan_arch import GLAREVQGAN

@@ -379,7 +379,7 @@ def write_lol_tree(root: Path, n_train: int = 3, n_test: int = 2, size: int = 32
 def test_stock_train_pipeline_runs_stage3(tmp_path, ckpts, monkeypatch):
     """Stage III through basicsr.train.train_pipeline: training, atomic checkpoints, validation on a holdout."""
     from basicsr.train import train_pipeline
-    from glare_nat_arch.compat import patch_basicsr
+    from glare_nat_models.launcher import patch_basicsr
 
     patch_basicsr()
     write_lol_tree(tmp_path / "lol")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-import glare_nat_arch  # noqa: F401  (compat shims first)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
 from glare_nat_arch.quantize import VectorQuantizer
 from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES
 from glare_nat_models.checkpoint import CheckpointError, StrictLoadError, from_official, load_official
