@@ -159,3 +159,46 @@ def test_arch_and_data_do_not_import_models():
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_stock_models_share_the_atomic_retried_checkpoint_writes(tmp_path, monkeypatch):
+    """After ``patch_basicsr`` a stock model's ``save_network`` / ``save_training_state`` are the glare-nat ones: a
+    failing write is retried, then raises naming the file, and the previous file is kept (stock: ignored)."""
+    from types import SimpleNamespace
+
+    from basicsr.models.base_model import BaseModel
+
+    from glare_nat_models import checkpoint
+
+    patch_basicsr()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "training_states").mkdir()
+    net = torch.nn.Linear(2, 2)
+    model = SimpleNamespace(
+        opt={"path": {"models": str(tmp_path / "models"), "training_states": str(tmp_path / "training_states")}},
+        get_bare_model=lambda n: n,
+        optimizers=[torch.optim.SGD(net.parameters(), lr=0.1)],
+        schedulers=[],
+        _save_retry_delay=0.0,
+    )
+    BaseModel.save_network(model, net, "net_g", -1)
+    BaseModel.save_training_state(model, 0, 3)
+    state = torch.load(tmp_path / "training_states" / "3.state", weights_only=False)
+    assert state["iter"] == 3 and set(state["rng_states"]) >= {"python", "numpy", "torch"}
+    before = (tmp_path / "models" / "net_g_latest.pth").read_bytes()
+
+    calls = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match=r"cannot save .*net_g_latest\.pth after 3 attempts"):
+        BaseModel.save_network(model, net, "net_g", -1)
+    with pytest.raises(OSError, match=r"cannot save .*4\.state"):
+        BaseModel.save_training_state(model, 0, 4)
+    assert len(calls) == 6
+    assert (tmp_path / "models" / "net_g_latest.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["3.state", "net_g_latest.pth"]
