@@ -90,8 +90,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
-    """Load a checkpoint on the CPU; any unreadable file raises :class:`CheckpointError` naming ``path``.
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint (on the CPU unless ``map_location`` says otherwise); any unreadable file raises
+    :class:`CheckpointError` naming ``path``.
 
     ``weights_only=True`` (torch's safe default) accepts BasicSR checkpoints, training states and the official GLARE
     weights (plain dicts of tensors). Files pickling other objects need ``weights_only=False`` (trusted files only).
@@ -102,7 +103,7 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint file is empty (0 bytes; interrupted save?): {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise CheckpointError(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from glare_nat_models.checkpoint import read_checkpoint
 from glare_nat_models.rng_states import all_ranks_captured, restore_rng_states, rng_states_for_this_rank
 from glare_nat_models.train_schedule import epochs_from_loader, resolve_total_batch
 
@@ -36,8 +37,9 @@ _RESUME_STATE: dict | None = None  # the state returned by load_resume_state, fo
 def load_resume_state(opt: dict) -> dict | None:
     """CPU-safe replacement of ``basicsr.train.load_resume_state``.
 
-    Auto-resume looks in ``opt['path']['training_states']`` (under the launcher's root, not the cwd);
-    storages are mapped to CPU unless CUDA is available and ``num_gpu != 0``.
+        Auto-resume looks in ``opt['path']['training_states']`` (under the launcher's root, not the cwd);
+        storages are mapped to CPU unless CUDA is available and ``num_gpu != 0``. A missing, truncated or corrupt state
+    file raises :class:`~glare_nat_models.checkpoint.CheckpointError` naming it.
     """
     from basicsr.utils import check_resume
 
@@ -55,14 +57,12 @@ def load_resume_state(opt: dict) -> dict | None:
 
     if resume_state_path is None:
         return None
-    use_cuda = torch.cuda.is_available() and opt.get("num_gpu", 0) != 0
-    if use_cuda:
+    map_location: Any = "cpu"
+    if torch.cuda.is_available() and opt.get("num_gpu", 0) != 0:
         device_id = torch.cuda.current_device()
-        resume_state = torch.load(
-            resume_state_path, map_location=lambda storage, loc: storage.cuda(device_id), weights_only=False
-        )
-    else:
-        resume_state = torch.load(resume_state_path, map_location="cpu", weights_only=False)
+        map_location = lambda storage, loc: storage.cuda(device_id)  # noqa: E731  (stock BasicSR's mapping)
+    # the training state pickles numpy RNG states: trusted files written by this run only
+    resume_state = read_checkpoint(resume_state_path, weights_only=False, map_location=map_location)
     check_resume(opt, resume_state["iter"])
     global _RESUME_STATE
     _RESUME_STATE = resume_state

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from glare_nat_models import exact_resume
+from glare_nat_models.checkpoint import CheckpointError
 from glare_nat_models.launcher import normalise_argv, patch_basicsr
 from tests.conftest import REPO_ROOT
 
@@ -139,6 +140,15 @@ def test_auto_resume_uses_root_training_states_not_cwd(tmp_path, monkeypatch):
     state = exact_resume.load_resume_state(opt)
     assert state["iter"] == 12
     assert opt["path"]["resume_state"] == str(states / "12.state")
+
+
+def test_truncated_resume_state_is_named(tmp_path):
+    states = _fake_training_state(tmp_path)
+    data = (states / "12.state").read_bytes()
+    (states / "12.state").write_bytes(data[: len(data) // 2])
+    opt = {"auto_resume": True, "num_gpu": 0, "path": {"training_states": str(states)}, "name": "x"}
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated: .*12\.state"):
+        exact_resume.load_resume_state(opt)
 
 
 def test_patch_basicsr_replaces_resume_function():
