@@ -3,7 +3,7 @@
 import importlib
 from pathlib import Path
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases first, then every *_arch.py)
+import glare_nat_arch  # noqa: F401  (compat shims first, then every *_arch.py)
 import glare_nat_data  # noqa: F401  (every *_dataset.py)
 
 _here = Path(__file__).resolve().parent

@@ -38,7 +38,7 @@ if importlib.util.find_spec("glare_nat_models") is None:  # not pip-installed: u
 
 import torch  # noqa: E402
 
-import glare_nat_arch  # noqa: E402,F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
 from glare_nat_arch.blocks import AttnBlock  # noqa: E402
 from glare_nat_models import perf  # noqa: E402
 from glare_nat_models.inference import autocast_context, select_device, set_malloc_mmap_threshold  # noqa: E402

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-import glare_nat_arch  # noqa: E402,F401  (BasicSR import aliases, registration)
+import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402

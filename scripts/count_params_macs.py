@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import glare_nat_arch  # noqa: E402,F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
 from glare_nat_models import perf  # noqa: E402

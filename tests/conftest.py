@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before any basicsr import)
+import glare_nat_arch  # noqa: F401  (compat shims before any basicsr import)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: golden tensors of the official GLARE code (provenance, keys and how to regenerate: tests/data/README.md)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_inference import tiny_model_options
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 from glare_nat_models import benchmark
 
 H, W, N = 32, 40, 3  # 32 px is the smallest side AlexNet-LPIPS accepts

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
+import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.blocks import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample, swish
 from tests.rss_probe import PEAK_RSS_HELPERS
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 from glare_nat_models import checkpoint as ckpt
 from glare_nat_models.checkpoint import (
     CheckpointError,

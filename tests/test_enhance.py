@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_inference import tiny_model_options
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 from glare_nat_models import enhance_cli
 from glare_nat_models.inference import load_model_from_options
 

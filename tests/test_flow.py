@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
+import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.flow import (
     LOG_2PI,
     ActNorm2d,

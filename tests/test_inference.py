@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 from glare_nat_models import inference as inf
 
 # A stock BasicSR net at scale 1: SRVGGNetCompact with num_conv=2 is 4 3x3 convs (first, 2 body, last): radius 4 px.

@@ -3,7 +3,7 @@ adaptive GAN weight and the PatchGAN discriminator."""
 
 from __future__ import annotations
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 
 # isort: split
 import numpy as np

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 
 # isort: split
 import cv2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 
 # isort: split
 import numpy as np

@@ -8,7 +8,7 @@ import os
 from copy import deepcopy
 from pathlib import Path
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+import glare_nat_arch  # noqa: F401  (compat shims before basicsr)
 
 # isort: split
 import cv2

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
+import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.blocks import AttnBlock
 from glare_nat_arch.deform import LeanDCNv2Pack
 from glare_nat_models import perf
