@@ -9,7 +9,7 @@ import runpy
 ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 
 if __name__ == "__main__":
-    # Re-use the training launcher's bootstrap (path set-up, install check, shims, registration).
+    # Re-use the training launcher's bootstrap (path set-up, install check, registration, patches).
     runpy.run_path(osp.join(osp.dirname(osp.abspath(__file__)), "train.py"), run_name="glare_nat_launcher")[
         "_bootstrap"
     ]()

@@ -11,22 +11,21 @@ ROOT = osp.abspath(osp.join(__file__, osp.pardir, osp.pardir))
 
 
 def _bootstrap() -> None:
-    """Make our packages importable, check basicsr, apply shims and register everything."""
+    """Make our packages importable, check basicsr, register everything and patch BasicSR's loop."""
     if importlib.util.find_spec("glare_nat_arch") is None:
         sys.path.insert(0, ROOT)
     spec = importlib.util.find_spec("basicsr")
     if spec is None or spec.origin is None:
         sys.exit("glare-nat: basicsr 1.4.2 is not installed. Run `make install` (or see README: Install).")
     try:
-        import glare_nat_models  # noqa: F401  (compat shims, then archs/data/models/losses/metrics)
+        import glare_nat_models  # noqa: F401  (BasicSR import aliases, then archs/data/models/losses/metrics)
     except ImportError as err:
         sys.exit(f"glare-nat: cannot import the glare-nat packages ({err}). Run `make install`.")
-    from glare_nat_arch.compat import normalise_argv, patch_basicsr
-    from glare_nat_models.preflight import preflight
+    from glare_nat_models.launcher import prepare_launch
 
-    sys.argv = normalise_argv(sys.argv)
-    preflight(sys.argv)  # every missing input path in one message, before any output or folder
-    patch_basicsr()
+    # --opt / --local-rank spellings, the option file read once: its missing inputs in one message (before any
+    # output or folder), then the run-time patches of BasicSR's loop (glare_nat_models/launcher.py).
+    sys.argv = prepare_launch(sys.argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ Attribute names equal the official ones so the official weights load 1:1 with ``
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from glare_nat_arch.aft import MultiScaleDecoder
 from glare_nat_arch.blocks import Encoder
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
 from glare_nat_arch.streaming import RowStreaming, set_row_streaming
-from glare_nat_arch.vqgan_arch import GLAREVQGAN, load_state_dict_checked, read_state_dict
+from glare_nat_arch.vqgan_arch import GLAREVQGAN
 
 __all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
 
@@ -191,14 +190,6 @@ class GLAREFlowNet(nn.Module):
         z_hat, logdet = self.flowUpsamplerNet(c["color_map"], c["cond"], reverse=True)
         return {**c, "z_hat": z_hat, "logdet": logdet}
 
-    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor]) -> None:
-        """Load an official checkpoint (flat dict, or BasicSR ``{'params': ...}``) with ``strict=True``.
-
-        A clear :class:`~glare_nat_arch.vqgan_arch.StateDictMismatchError` lists missing/unexpected/mis-shaped keys.
-        """
-        state_dict, name = read_state_dict(src)
-        load_state_dict_checked(self, state_dict, name)
-
 
 @ARCH_REGISTRY.register()
 class GLARENet(GLAREFlowNet):
@@ -211,9 +202,10 @@ class GLARENet(GLAREFlowNet):
     default ``auto`` changes memory, not results). ``D_MF`` uses the encoder's ``ch`` / ``ch_mult`` /
     ``num_res_blocks`` / ``attn_resolutions`` (as the official code).
 
-    :meth:`load_official` accepts a full ``net_G.pth`` (824 tensors; its unused ``flowUpsamplerNet.f.0.*`` and
-    ``deformable_decoder.{conv_out,scale,bias,enc}.*`` exist here as never-used parameters so that loading is
-    strict) or, with ``stage2_only=True``, a Stage-II checkpoint (``RRDB.*`` and ``flowUpsamplerNet.*`` only).
+    ``glare_nat_models.checkpoint.load_official`` accepts a full ``net_G.pth`` (824 tensors; its unused
+    ``flowUpsamplerNet.f.0.*`` and ``deformable_decoder.{conv_out,scale,bias,enc}.*`` exist here as never-used
+    parameters so that loading is strict) or, with ``stage2_only=True``, a Stage-II checkpoint (``RRDB.*`` and
+    ``flowUpsamplerNet.*`` only).
     """
 
     def __init__(
@@ -281,12 +273,3 @@ class GLARENet(GLAREFlowNet):
         n1, n0 = nl_feats[0], nl_feats[-1]
         base = {"output": out, "z_dec": z_dec, "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
         return {**base, **extra, "n1": n1, "n0": n0, "s0": s0, "s1": s1, **inter}
-
-    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor], stage2_only: bool = False) -> None:
-        """Load ``net_G.pth`` strictly; ``stage2_only`` loads a Stage-II checkpoint into ``RRDB`` and
-        ``flowUpsamplerNet`` strictly and leaves ``deformable_decoder`` untouched (official Stage-III init)."""
-        if not stage2_only:
-            return super().load_official(src)
-        state_dict, name = read_state_dict(src)
-        target = nn.ModuleDict({"RRDB": self.RRDB, "flowUpsamplerNet": self.flowUpsamplerNet})
-        load_state_dict_checked(target, state_dict, name)

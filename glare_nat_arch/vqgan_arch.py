@@ -2,15 +2,13 @@
 
 Attribute names equal the official ``VQModel`` (``encoder``, ``decoder``, ``quantize``, ``quant_conv``,
 ``post_quant_conv``), so the official ``vqgan.pkl`` loads with ``strict=True`` once the two documented unused
-prefixes are dropped (see :data:`VQGAN_UNUSED_PREFIXES` and :meth:`GLAREVQGAN.load_official`).
+prefixes are dropped (see :data:`VQGAN_UNUSED_PREFIXES` and :func:`glare_nat_models.checkpoint.load_official`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
@@ -18,70 +16,11 @@ from glare_nat_arch.blocks import Decoder, Encoder
 from glare_nat_arch.quantize import VectorQuantizer
 from glare_nat_arch.streaming import RowStreaming, set_row_streaming
 
-__all__ = [
-    "GLAREVQGAN",
-    "VQGAN_UNUSED_PREFIXES",
-    "StateDictMismatchError",
-    "read_state_dict",
-    "state_dict_report",
-    "load_state_dict_checked",
-]
+__all__ = ["GLAREVQGAN", "VQGAN_UNUSED_PREFIXES"]
 
 #: Keys of the official ``vqgan.pkl`` that no GLARE forward path uses: ``conv_semantic.*`` (a 3->256 1x1 conv of
 #: an inactive semantic loss) and ``vgg_feat_extractor.*`` (the VGG19 that feeds it). They are dropped on load.
 VQGAN_UNUSED_PREFIXES = ("conv_semantic.", "vgg_feat_extractor.")
-
-
-class StateDictMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not match the network (the message lists every offending key)."""
-
-
-def read_state_dict(src: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Load a flat state dict from a file or mapping; unwraps a BasicSR ``{'params': ...}`` container.
-
-    Returns ``(state_dict, source_name)``; raises a clear error for a missing file or a non-tensor payload.
-    """
-    name = "<state dict>"
-    if isinstance(src, (str, os.PathLike)):
-        name = os.fspath(src)
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"checkpoint not found: {name}")
-        src = torch.load(name, map_location="cpu", weights_only=True)
-    if not isinstance(src, Mapping):
-        raise StateDictMismatchError(f"{name}: expected a dict of tensors, got {type(src).__name__}")
-    if "params" in src and isinstance(src["params"], Mapping):
-        src = src["params"]
-    bad = [k for k, v in src.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise StateDictMismatchError(f"{name}: non-tensor entries {bad[:10]} (not a flat state dict)")
-    return dict(src), name
-
-
-def state_dict_report(net: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, list]:
-    """Compare ``state_dict`` with ``net``: ``{'missing': [...], 'unexpected': [...], 'shape': [(k, ckpt, net)]}``."""
-    own = net.state_dict()
-    return {
-        "missing": sorted(set(own) - set(state_dict)),
-        "unexpected": sorted(set(state_dict) - set(own)),
-        "shape": sorted(
-            (k, tuple(v.shape), tuple(own[k].shape))
-            for k, v in state_dict.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ),
-    }
-
-
-def load_state_dict_checked(net: nn.Module, state_dict: Mapping[str, Tensor], source: str = "<state dict>") -> None:
-    """``net.load_state_dict(state_dict, strict=True)`` that first reports every missing, unexpected and
-    shape-mismatched key in one :class:`StateDictMismatchError` naming ``source``."""
-    rep = state_dict_report(net, state_dict)
-    if any(rep.values()):
-        lines = [f"{source} does not match {type(net).__name__}:"]
-        for what in ("missing", "unexpected", "shape"):
-            if rep[what]:
-                lines.append(f"  {what} ({len(rep[what])}): {rep[what][:20]}{' ...' if len(rep[what]) > 20 else ''}")
-        raise StateDictMismatchError("\n".join(lines))
-    net.load_state_dict(state_dict, strict=True)
 
 
 @ARCH_REGISTRY.register()
@@ -172,23 +111,3 @@ class GLAREVQGAN(nn.Module):
     def get_last_layer(self) -> Tensor:
         """Weight of the decoder's RGB head (for the adaptive GAN weight)."""
         return self.decoder.conv_out.weight
-
-    def load_official(self, src: str | os.PathLike | Mapping[str, Tensor]) -> list[str]:
-        """Load an official ``vqgan.pkl`` (or a converted ``{'params': ...}`` file) with ``strict=True``.
-
-        Only keys under :data:`VQGAN_UNUSED_PREFIXES` are dropped first; any other extra, missing or
-        shape-mismatched key raises :class:`StateDictMismatchError` listing them. Returns the dropped keys.
-        """
-        state_dict, name = read_state_dict(src)
-        dropped = [k for k in state_dict if k.startswith(VQGAN_UNUSED_PREFIXES)]
-        for k in dropped:
-            del state_dict[k]
-        load_state_dict_checked(self, state_dict, name)
-        return dropped
-
-    @classmethod
-    def from_official(cls, src: str | os.PathLike | Mapping[str, Tensor], **kwargs) -> GLAREVQGAN:
-        """Build with ``kwargs`` (official defaults) and :meth:`load_official` ``src``."""
-        net = cls(**kwargs)
-        net.load_official(src)
-        return net

@@ -3,7 +3,7 @@
 import importlib
 from pathlib import Path
 
-from glare_nat_arch import compat  # noqa: F401  (must run before basicsr is imported)
+from glare_nat_arch import basicsr_aliases  # noqa: F401  (must run before basicsr is imported)
 
 _here = Path(__file__).resolve().parent
 for _f in sorted(_here.glob("*_dataset.py")):

@@ -16,7 +16,8 @@ Options read here (all optional unless stated):
 ``path.param_key_*``     sub-dict of the checkpoint (default ``params``; ``~`` = bare state dict).
 
 Checkpoints keep BasicSR names and layout (``net_g_<iter>.pth`` = ``{'params': ..., 'params_ema': ...}``,
-``<iter>.state``) and are written atomically (``*.tmp`` + ``os.replace``, see :mod:`glare_nat_models.checkpoint`).
+``<iter>.state``) and are written atomically (``*.tmp`` + ``os.replace``), by the methods of
+:class:`~glare_nat_models.model_checkpoints.CheckpointMethods` (shared with stock models run by the launchers).
 Frozen sub-networks are really frozen: ``requires_grad=False``, eval mode kept across ``train()`` calls, never
 handed to an optimizer (checked).
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 import types
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -43,13 +43,11 @@ from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
-from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 from tqdm import tqdm
 
-from glare_nat_arch.compat import training_state
-from glare_nat_models.checkpoint import atomic_torch_save, load_network_file
+from glare_nat_models.model_checkpoints import CheckpointMethods
 
 __all__ = ["GLAREBaseModel", "keep_in_eval", "freeze_module", "image_loss"]
 
@@ -117,16 +115,13 @@ def set_deterministic(enabled: bool) -> None:
 
 
 @MODEL_REGISTRY.register()
-class GLAREBaseModel(SRModel):
+class GLAREBaseModel(CheckpointMethods, SRModel):
     """``SRModel`` plus AMP, gradient clipping, non-finite guard, atomic saves, strict loads and real freezing.
 
     Used as is, it trains ``network_g`` on ``lq -> gt`` with the stock ``pixel_opt`` / ``perceptual_opt`` losses
     (handy for baselines). The GLARE stage models subclass it and override :meth:`build_aux_networks`,
     :meth:`init_training_settings`, :meth:`optimize_parameters` and :meth:`forward_test`.
     """
-
-    _save_retries = 3
-    _save_retry_delay = 1.0  # seconds between retries of a failed checkpoint write
 
     def __init__(self, opt: dict) -> None:
         BaseModel.__init__(self, opt)
@@ -500,66 +495,3 @@ class GLAREBaseModel(SRModel):
             return osp.join(vis, img_name, f"{img_name}_{current_iter}.png")
         suffix = self.opt["val"]["suffix"] or self.opt["name"]
         return osp.join(vis, dataset_name, f"{img_name}_{suffix}.png")
-
-    # ------------------------------------------------------------------ checkpoints
-    @master_only
-    def save_network(self, net, net_label: str, current_iter, param_key="params") -> None:
-        """Stock file name and layout, written atomically; a write that still fails after retries raises."""
-        if current_iter == -1:
-            current_iter = "latest"
-        save_path = osp.join(self.opt["path"]["models"], f"{net_label}_{current_iter}.pth")
-        nets = net if isinstance(net, list) else [net]
-        keys = param_key if isinstance(param_key, list) else [param_key]
-        if len(nets) != len(keys):
-            raise ValueError("save_network: the lengths of net and param_key differ")
-        save_dict = {}
-        for net_, key in zip(nets, keys):
-            state_dict = self.get_bare_model(net_).state_dict()
-            save_dict[key] = OrderedDict(
-                ((k[7:] if k.startswith("module.") else k), v.detach().cpu()) for k, v in state_dict.items()
-            )
-        self._atomic_save_with_retry(save_dict, save_path)
-
-    @master_only
-    def save_training_state(self, epoch: int, current_iter: int) -> None:
-        """Stock ``<iter>.state`` + RNG states (+ GradScaler states when fp16 is on), written atomically."""
-        if current_iter == -1:
-            return
-        state = training_state(self, epoch, current_iter)  # stock content + RNG states (exact resume)
-        if self._scalers:
-            state["scalers"] = {k: s.state_dict() for k, s in self._scalers.items()}
-        save_path = osp.join(self.opt["path"]["training_states"], f"{current_iter}.state")
-        self._atomic_save_with_retry(state, save_path)
-
-    def _atomic_save_with_retry(self, obj: Any, save_path: str) -> None:
-        logger = get_root_logger()
-        for attempt in range(1, self._save_retries + 1):
-            try:
-                atomic_torch_save(obj, save_path)
-                return
-            except Exception as e:  # noqa: BLE001 - retried, then re-raised
-                logger.warning(f"Saving {save_path} failed ({e}); attempt {attempt}/{self._save_retries}")
-                if attempt == self._save_retries:
-                    raise OSError(f"cannot save {save_path} after {attempt} attempts: {e}") from e
-                time.sleep(self._save_retry_delay)
-
-    def resume_training(self, resume_state: dict) -> None:
-        super().resume_training(resume_state)
-        for name, sd in (resume_state.get("scalers") or {}).items():
-            scaler = self._scaler(name)
-            if scaler is not None:
-                scaler.load_state_dict(sd)
-
-    def load_network(self, net, load_path, strict=True, param_key="params", prefixes=None, drop_prefixes=()):
-        """Strict by default: a readable report of missing / unexpected / mismatched keys, raised or logged.
-
-        ``param_key`` ``None`` reads a bare state dict. Unreadable files raise ``CheckpointError`` naming the file.
-        ``prefixes`` restricts the expected keys of ``net`` (e.g. ``('RRDB.', 'flowUpsamplerNet.')``);
-        ``drop_prefixes`` removes documented unused keys from the file first.
-        """
-        logger = get_root_logger()
-        net = self.get_bare_model(net)
-        logger.info(f"Loading {type(net).__name__} from {load_path}, param key [{param_key}], strict={strict}.")
-        return load_network_file(
-            net, load_path, param_key, strict, prefixes=prefixes, drop_prefixes=drop_prefixes, logger=logger
-        )

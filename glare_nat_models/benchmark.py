@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from glare_nat_arch import compat  # noqa: F401  (shims before basicsr)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
 from glare_nat_models.benchmark_io import checkpoint_hashes, device_info, provenance, sha256_file
 from glare_nat_models.benchmark_metrics import (
     PROTOCOLS,
@@ -64,6 +64,7 @@ from glare_nat_models.inference import (
     run_enhancer,
     select_device,
 )
+from glare_nat_models.launcher import normalise_argv
 
 __all__ = [
     "PROTOCOLS",
@@ -304,7 +305,7 @@ def _gt(lq: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 setup error)."""
-    args = build_parser().parse_args(compat.normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+    args = build_parser().parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     mode = "identity" if args.identity else "gt-as-output" if args.gt_as_output else "model"
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -9,6 +9,8 @@
 * :func:`compare_state_dicts` / :class:`LoadReport` list missing, unexpected and shape-mismatched keys;
   :func:`load_state_dict_checked` loads strictly (raising :class:`StrictLoadError` with the report) or, when asked,
   non-strictly (skipping mismatched tensors and logging the report).
+* :func:`load_official` / :func:`from_official` load the official GLARE weights (``vqgan.pkl``, ``net_G.pth``, a
+  Stage-II checkpoint, or their converted ``{'params': ...}`` files) strictly into the networks (which read no files).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from glare_nat_arch.glare_arch import GLARENet
+from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES
+
 __all__ = [
     "CheckpointError",
     "StrictLoadError",
@@ -35,6 +40,9 @@ __all__ = [
     "compare_state_dicts",
     "load_state_dict_checked",
     "load_network_file",
+    "read_state_dict",
+    "load_official",
+    "from_official",
 ]
 
 _MAX_LISTED = 20  # keys listed per category in a report; the rest are counted
@@ -82,8 +90,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
-    """Load a checkpoint on the CPU; any unreadable file raises :class:`CheckpointError` naming ``path``.
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint (on the CPU unless ``map_location`` says otherwise); any unreadable file raises
+    :class:`CheckpointError` naming ``path``.
 
     ``weights_only=True`` (torch's safe default) accepts BasicSR checkpoints, training states and the official GLARE
     weights (plain dicts of tensors). Files pickling other objects need ``weights_only=False`` (trusted files only).
@@ -94,7 +103,7 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint file is empty (0 bytes; interrupted save?): {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise CheckpointError(
@@ -215,13 +224,14 @@ def load_state_dict_checked(
     source: str = "<state dict>",
     prefixes: Iterable[str] | None = None,
     logger: logging.Logger | None = None,
+    hint: str = "set strict_load_*: false to load the matching part anyway",
 ) -> LoadReport:
     """Load ``state_dict`` into ``net`` after comparing keys and shapes.
 
     Strict: any missing / unexpected / mismatched key raises :class:`StrictLoadError` (message: ``source``, the
     network class and the report) and nothing is loaded. Non-strict: the report is logged as a warning, mismatched
     tensors are skipped, the rest is loaded. With ``prefixes``, only those parts of ``net`` are expected (and
-    loaded); the rest of the network is left as it is, on purpose, in both modes.
+    loaded); the rest of the network is left as it is, on purpose, in both modes. ``hint`` ends a strict error.
     """
     logger = logger or logging.getLogger("basicsr")
     report = compare_state_dicts(net.state_dict(), state_dict, prefixes)
@@ -229,7 +239,7 @@ def load_state_dict_checked(
     if not report.ok:
         msg = f"{source} does not match {type(net).__name__}{scope}:\n{report.format()}"
         if strict:
-            raise StrictLoadError(msg + "\n(set strict_load_*: false to load the matching part anyway)", report)
+            raise StrictLoadError(msg + (f"\n({hint})" if hint else ""), report)
         logger.warning("Non-strict load: " + msg)
     bad = set(report.unexpected) | {k for k, _, _ in report.mismatched}
     filtered = {k: v for k, v in state_dict.items() if k not in bad}
@@ -262,3 +272,55 @@ def load_network_file(
             logger.info(f"{path}: dropped {len(dropped)} unused keys under {', '.join(drop_prefixes)}")
     source = f"checkpoint {path} [{param_key}]"
     return load_state_dict_checked(net, sd, strict=strict, source=source, prefixes=prefixes, logger=logger)
+
+
+def read_state_dict(src: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """A flat state dict from a file or a mapping, unwrapping a BasicSR ``{'params': ...}`` container.
+
+    Returns ``(state_dict, source_name)``. Unreadable files and payloads that are not dicts of tensors raise
+    :class:`CheckpointError` naming the file.
+    """
+    name = "<state dict>"
+    if isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        src = read_checkpoint(name)
+    wrapped = isinstance(src, Mapping) and isinstance(src.get("params"), Mapping)
+    return select_state_dict(src, "params" if wrapped else None, name), name
+
+
+#: what ``GLARENet`` loads from a Stage-II checkpoint (``load_official(..., stage2_only=True)``)
+STAGE2_PREFIXES = ("RRDB.", "flowUpsamplerNet.")
+
+
+def load_official(
+    net: nn.Module, src: str | os.PathLike | Mapping[str, torch.Tensor], stage2_only: bool = False
+) -> list[str]:
+    """Load official GLARE weights (or a converted ``{'params': ...}`` file) into ``net`` with ``strict=True``.
+
+    * :class:`~glare_nat_arch.vqgan_arch.GLAREVQGAN` (``vqgan.pkl``): only keys under
+      :data:`~glare_nat_arch.vqgan_arch.VQGAN_UNUSED_PREFIXES` are dropped first;
+    * :class:`~glare_nat_arch.glare_arch.GLAREFlowNet` (a Stage-II checkpoint) / ``GLARENet`` (``net_G.pth``): every
+      key must match; with ``stage2_only`` a Stage-II checkpoint is loaded strictly into ``GLARENet``'s ``RRDB`` and
+      ``flowUpsamplerNet`` and ``deformable_decoder`` is left untouched (the official Stage-III initialisation).
+
+    Any other extra, missing or shape-mismatched key raises :class:`StrictLoadError` naming the source and every
+    offending key; nothing is loaded then. Returns the dropped keys.
+    """
+    if stage2_only and not isinstance(net, GLARENet):
+        raise TypeError(f"load_official: stage2_only needs a GLARENet, got {type(net).__name__}")
+    state_dict, name = read_state_dict(src)
+    dropped = [k for k in state_dict if k.startswith(VQGAN_UNUSED_PREFIXES)] if isinstance(net, GLAREVQGAN) else []
+    for k in dropped:
+        del state_dict[k]
+    prefixes = STAGE2_PREFIXES if stage2_only else None
+    load_state_dict_checked(net, state_dict, strict=True, source=name, prefixes=prefixes, hint="")
+    return dropped
+
+
+def from_official(
+    cls: type[nn.Module], src: str | os.PathLike | Mapping[str, torch.Tensor], **kwargs: Any
+) -> nn.Module:
+    """``cls(**kwargs)`` (official sizes by default) with :func:`load_official` ``src``."""
+    net = cls(**kwargs)
+    load_official(net, src)
+    return net

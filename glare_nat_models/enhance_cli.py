@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from glare_nat_arch import compat  # noqa: F401  (shims before basicsr)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
 from glare_nat_data.image_io import is_image_file, read_image, write_image
 from glare_nat_models.inference import (
     estimate_bytes_per_pixel,
@@ -44,6 +44,7 @@ from glare_nat_models.inference import (
     select_device,
     set_malloc_mmap_threshold,
 )
+from glare_nat_models.launcher import normalise_argv
 from glare_nat_models.progress import LayerProgress, model_networks
 
 __all__ = [
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 some files failed, 2 setup error)."""
-    args = build_parser().parse_args(compat.normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+    args = build_parser().parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     from tqdm import tqdm
 
     try:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glare_nat_arch import compat  # noqa: F401  (shims before basicsr)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
 
 __all__ = [
     "pad_to_multiple",

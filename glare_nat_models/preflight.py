@@ -1,6 +1,7 @@
 """Check every input path an option file needs before BasicSR prints the options or creates a folder.
 
-The launchers (``basicsr/train.py``, ``basicsr/test.py``) call :func:`preflight` first. It walks the option tree
+The launchers (``basicsr/train.py``, ``basicsr/test.py``) call :func:`preflight` first, with the option file
+they read (:func:`glare_nat_models.launcher.prepare_launch`). It walks the option tree
 once and collects, with the dotted option key that names each:
 
 * data: every ``datasets.<phase>.dataroot*`` / ``meta_info_file`` that does not exist;
@@ -20,8 +21,6 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
-
-import yaml
 
 from glare_nat_arch.nat_options import nat_option_problems
 from glare_nat_models.pretrained import ALEXNET_FILE, RANDOM, VGG16_FILE, resolve_weights
@@ -92,20 +91,10 @@ def missing_inputs(opt: Mapping, auto_resume: bool = False) -> list[str]:
     return problems
 
 
-def preflight(argv: list[str]) -> None:
-    """Exit with one message listing every missing input of the option file named by ``-opt`` in ``argv``.
-
-    Does nothing when ``argv`` names no readable option file (BasicSR then reports that itself).
-    """
-    opt_file = None
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "-opt":
-            opt_file = value
-    if opt_file is None or not os.path.isfile(opt_file):
-        return
-    with open(opt_file, encoding="utf-8") as f:
-        opt = yaml.safe_load(f) or {}
-    problems = nat_option_problems(opt) + missing_inputs(opt, auto_resume="--auto_resume" in argv)
+def preflight(opt_file: str, opt: Mapping, auto_resume: bool = False) -> None:
+    """Exit with one message listing every problem of the options ``opt`` read from ``opt_file``: NAT options
+    against their schema, then missing inputs."""
+    problems = nat_option_problems(opt) + missing_inputs(opt, auto_resume=auto_resume)
     if problems:
         lines = "\n".join(f"  {p}" for p in problems)
         sys.stderr.write(

@@ -24,6 +24,8 @@ import torch
 from basicsr.utils import get_root_logger
 from torch import nn
 
+from glare_nat_models.checkpoint import read_checkpoint
+
 __all__ = [
     "ALEXNET_FILE",
     "VGG16_FILE",
@@ -82,9 +84,10 @@ def load_torchvision_state_dict(path: Path, required: list[str], purpose: str) -
     """Load a torchvision state dict on CPU and check that every ``required`` key is present.
 
     Raises:
+        CheckpointError: the file is missing, truncated or corrupt (named).
         ValueError: the file is not a state dict or lacks keys (the first missing ones are named).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise ValueError(f"{purpose}: {path} holds a {type(state).__name__}, expected a torchvision state dict.")
     missing = [k for k in required if k not in state]

@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
+import glare_nat_arch  # noqa: E402,F401  (BasicSR import aliases before basicsr)
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet  # noqa: E402
-from glare_nat_arch.vqgan_arch import (  # noqa: E402
-    GLAREVQGAN,
-    VQGAN_UNUSED_PREFIXES,
-    StateDictMismatchError,
+from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES  # noqa: E402
+from glare_nat_models.checkpoint import (  # noqa: E402
+    CheckpointError,
+    atomic_torch_save,
+    compare_state_dicts,
     read_state_dict,
-    state_dict_report,
 )
 
 KINDS = {"net_g": GLARENet, "stage2": GLAREFlowNet, "vqgan": GLAREVQGAN}
@@ -65,8 +65,10 @@ def convert(src: str | Path, dst: str | Path | None, kind: str | None = None, ar
             del state_dict[k]
     with torch.device("meta"):  # shapes only: no memory for the official ~100M parameters
         net: nn.Module = KINDS[kind](**(arch or {}))
-    report = state_dict_report(net, state_dict)
-    ok = not any(report.values())
+    diff = compare_state_dicts(net.state_dict(), state_dict)
+    shape = [(k, in_file, in_net) for k, in_net, in_file in diff.mismatched]
+    report: dict = {"missing": diff.missing, "unexpected": diff.unexpected, "shape": shape}
+    ok = diff.ok
     ordered = {k: state_dict[k] for k in net.state_dict()} if ok else state_dict
     report.update(
         kind=kind,
@@ -78,7 +80,7 @@ def convert(src: str | Path, dst: str | Path | None, kind: str | None = None, ar
     )
     if ok and dst is not None:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"params": ordered}, dst)
+        atomic_torch_save({"params": ordered}, dst)
         report["written"] = True
     return report
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arch = json.loads(args.arch_json) if args.arch_json else None
         rep = convert(args.src, args.dst, args.kind, arch)
-    except (FileNotFoundError, ValueError, StateDictMismatchError, json.JSONDecodeError) as err:
+    except (CheckpointError, ValueError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(rep))

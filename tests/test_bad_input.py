@@ -17,8 +17,8 @@ import torch
 import yaml
 from basicsr.archs.rrdbnet_arch import RRDBNet
 
-from glare_nat_arch.compat import patch_basicsr
 from glare_nat_models.checkpoint import CheckpointError, StrictLoadError, load_network_file
+from glare_nat_models.launcher import patch_basicsr
 
 NET = {"type": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, "scale": 1, "num_feat": 16, "num_block": 1, "num_grow_ch": 8}
 

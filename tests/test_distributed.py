@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from glare_nat_arch import compat
+from glare_nat_models import distributed, launcher, rng_states
 from tests.train_runs import (
     assert_identical,
     demo_options,
@@ -123,8 +123,7 @@ def test_ddp_resume_is_exact(runs, tmp_path):
 def one_process_group(monkeypatch, tmp_path):
     """Environment of a 1-process torchrun of a CPU option file; the process group is destroyed afterwards."""
     monkeypatch.setattr(mp, "set_start_method", lambda *a, **k: None)  # keep the pytest process's start method
-    opt_file = write_yaml({"num_gpu": 0}, tmp_path / "cpu.yml")
-    monkeypatch.setattr("sys.argv", ["train.py", "-opt", str(opt_file), "--launcher", "pytorch"])
+    monkeypatch.setattr(distributed, "_LAUNCH_OPTIONS", {"num_gpu": 0})  # the launcher's options, read once
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -146,34 +145,37 @@ def test_init_dist_and_model_to_device_on_cpu(one_process_group):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    assert compat.init_dist("pytorch") == "gloo"  # num_gpu 0, also on a CUDA machine
+    assert distributed.init_dist("pytorch") == "gloo"  # num_gpu 0, also on a CUDA machine
     model = SimpleNamespace(opt={"dist": True, "num_gpu": 0}, device=torch.device("cpu"))
-    net = compat.model_to_device(model, torch.nn.Linear(3, 2))
+    net = distributed.model_to_device(model, torch.nn.Linear(3, 2))
     assert isinstance(net, DistributedDataParallel) and net.device_ids is None
     net(torch.ones(4, 3)).sum().backward()  # gradient all-reduce over gloo
     assert net.module.weight.grad is not None
-    assert compat._gather_rng_states() is None  # world size 1: nothing to gather
+    assert rng_states.gather_rng_states() is None  # world size 1: nothing to gather
 
 
 def test_backend_choice():
-    assert compat.dist_backend({"num_gpu": "auto"}, cuda_available=True) == ("nccl", True)
-    assert compat.dist_backend({"num_gpu": 1}, cuda_available=True) == ("nccl", True)
-    assert compat.dist_backend({"num_gpu": 0}, cuda_available=True) == ("gloo", False)
-    assert compat.dist_backend({"num_gpu": "auto"}, cuda_available=False) == ("gloo", False)
-    assert compat.dist_backend({"dist_params": {"backend": "gloo"}}, cuda_available=True) == ("gloo", True)
-    assert compat.dist_backend({}, backend="gloo", cuda_available=True) == ("gloo", True)
+    assert distributed.dist_backend({"num_gpu": "auto"}, cuda_available=True) == ("nccl", True)
+    assert distributed.dist_backend({"num_gpu": 1}, cuda_available=True) == ("nccl", True)
+    assert distributed.dist_backend({"num_gpu": 0}, cuda_available=True) == ("gloo", False)
+    assert distributed.dist_backend({"num_gpu": "auto"}, cuda_available=False) == ("gloo", False)
+    assert distributed.dist_backend({"dist_params": {"backend": "gloo"}}, cuda_available=True) == ("gloo", True)
+    assert distributed.dist_backend({}, backend="gloo", cuda_available=True) == ("gloo", True)
     with pytest.raises(RuntimeError, match="no CUDA device.*use gloo"):
-        compat.dist_backend({"num_gpu": 0, "dist_params": {"backend": "nccl"}}, cuda_available=True)
+        distributed.dist_backend({"num_gpu": 0, "dist_params": {"backend": "nccl"}}, cuda_available=True)
 
 
-def test_init_dist_reads_dist_params_of_the_option_file(one_process_group, tmp_path, monkeypatch):
-    """Stock ``parse_options`` passes ``dist_params`` only to the SLURM launcher; the shim reads it for both."""
+def test_init_dist_reads_dist_params_of_the_option_file(one_process_group, tmp_path):
+    """Stock ``parse_options`` passes ``dist_params`` only to the SLURM launcher; the patch reads it for both, from the
+    option file the launcher read once (``prepare_launch``)."""
     opt_file = write_yaml({"num_gpu": 0, "dist_params": {"backend": "nccl"}}, tmp_path / "x.yml")
-    monkeypatch.setattr("sys.argv", ["train.py", "-opt", str(opt_file), "--launcher", "pytorch"])
+    argv = ["train.py", "-opt", str(opt_file), "--launcher", "pytorch"]
+    launcher.patch_basicsr(launcher.read_option_file(argv)[1])
     with pytest.raises(RuntimeError, match="no CUDA device.*use gloo"):
-        compat.init_dist("pytorch")
+        distributed.init_dist("pytorch")
     write_yaml({"num_gpu": 0, "dist_params": {"backend": "gloo"}}, opt_file)
-    assert compat.init_dist("pytorch") == "gloo"
+    distributed.set_launch_options(launcher.read_option_file(argv)[1])
+    assert distributed.init_dist("pytorch") == "gloo"
 
 
 def test_init_dist_slurm_environment(one_process_group, monkeypatch):
@@ -184,9 +186,9 @@ def test_init_dist_slurm_environment(one_process_group, monkeypatch):
     monkeypatch.setenv("SLURM_NODELIST", "node[001-002]")
     monkeypatch.setenv("PATH", "")  # no scontrol: without MASTER_ADDR the host cannot be resolved
     with pytest.raises(RuntimeError, match=r"SLURM_NODELIST='node\[001-002\]'.*MASTER_ADDR"):
-        compat.init_dist("slurm")
+        distributed.init_dist("slurm")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert compat.init_dist("slurm", port=free_port()) == "gloo"
+    assert distributed.init_dist("slurm", port=free_port()) == "gloo"
     assert dist.get_world_size() == 1
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
 
@@ -197,12 +199,12 @@ def test_patch_basicsr_installs_distributed_shims():
 
     import basicsr.train
 
-    compat.patch_basicsr()
-    compat.patch_basicsr()  # idempotent
-    assert basicsr.utils.options.init_dist is compat.init_dist
-    assert BaseModel.model_to_device is compat.model_to_device
+    launcher.patch_basicsr()
+    launcher.patch_basicsr()  # idempotent
+    assert basicsr.utils.options.init_dist is distributed.init_dist
+    assert BaseModel.model_to_device is distributed.model_to_device
     assert basicsr.train.build_model.__wrapped__.__module__ == "basicsr.models"
-    assert compat.normalise_argv(["train.py", "--local-rank=1", "--local-rank", "0"]) == [
+    assert launcher.normalise_argv(["train.py", "--local-rank=1", "--local-rank", "0"]) == [
         "train.py",
         "--local_rank=1",
         "--local_rank",

@@ -12,10 +12,11 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-import glare_nat_arch  # noqa: F401  (compat shims first)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
 from glare_nat_arch.aft import MultiScaleDecoder
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, log_transform, pad_to_multiple
-from glare_nat_arch.vqgan_arch import GLAREVQGAN, StateDictMismatchError
+from glare_nat_arch.vqgan_arch import GLAREVQGAN
+from glare_nat_models.checkpoint import StrictLoadError, from_official, load_official
 from tests.conftest import GOLDEN_PATH, load_golden
 from tests.tolerance import assert_close_for
 
@@ -59,20 +60,20 @@ def vqgan_kwargs(golden: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def vqgan(golden) -> GLAREVQGAN:
-    return GLAREVQGAN.from_official(golden["vqgan_state_dict"], **vqgan_kwargs(golden)).eval()
+    return from_official(GLAREVQGAN, golden["vqgan_state_dict"], **vqgan_kwargs(golden)).eval()
 
 
 @pytest.fixture(scope="module")
 def stage2(golden) -> GLAREFlowNet:
     net = GLAREFlowNet(**net_kwargs(golden))
-    net.load_official({k: v.clone() for k, v in golden["stage2_state_dict"].items()})
+    load_official(net, {k: v.clone() for k, v in golden["stage2_state_dict"].items()})
     return net.eval()
 
 
 @pytest.fixture(scope="module")
 def stage3(golden) -> GLARENet:
     net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
-    net.load_official({k: v.clone() for k, v in golden["full_state_dict"].items()})
+    load_official(net, {k: v.clone() for k, v in golden["full_state_dict"].items()})
     return net.eval()
 
 
@@ -296,8 +297,8 @@ def test_unused_official_parameters_exist_frozen_and_unused(golden, stage3, vqga
 
 def test_gradients_reach_only_the_trainable_aft_parameters(golden):
     net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
-    net.load_official(golden["full_state_dict"])
-    vq = GLAREVQGAN.from_official(golden["vqgan_state_dict"], **vqgan_kwargs(golden)).requires_grad_(False)
+    load_official(net, golden["full_state_dict"])
+    vq = from_official(GLAREVQGAN, golden["vqgan_state_dict"], **vqgan_kwargs(golden)).requires_grad_(False)
     net.RRDB.requires_grad_(False)
     net.flowUpsamplerNet.requires_grad_(False)
     net(golden["input"][:1].float(), vq).square().mean().backward()
@@ -312,12 +313,12 @@ def test_load_official_errors_and_stage2_only(golden):
     net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
     full = dict(golden["full_state_dict"])
     del full["deformable_decoder.mix.0.w"]
-    with pytest.raises(StateDictMismatchError, match=r"missing \(1\).*mix\.0\.w"):
-        net.load_official(full)
-    with pytest.raises(StateDictMismatchError, match=r"missing \(\d+\).*deformable_decoder"):
-        net.load_official(golden["stage2_state_dict"])
+    with pytest.raises(StrictLoadError, match=r"missing keys .*\(1\):\n  deformable_decoder\.mix\.0\.w"):
+        load_official(net, full)
+    with pytest.raises(StrictLoadError, match=r"missing keys .*\(\d+\):\n  deformable_decoder\."):
+        load_official(net, golden["stage2_state_dict"])
     before = net.deformable_decoder.conv_in.weight.clone()
-    net.load_official(golden["stage2_state_dict"], stage2_only=True)
+    load_official(net, golden["stage2_state_dict"], stage2_only=True)
     torch.testing.assert_close(
         net.RRDB.color_conv.weight, golden["stage2_state_dict"]["RRDB.color_conv.weight"].float()
     )

@@ -70,7 +70,7 @@ def _random_checkpoints(opt: dict, out: Path) -> None:
 @pytest.mark.parametrize("name", OPTION_FILES)
 def test_option_file_trains_two_steps_and_validates(name, tmp_path, monkeypatch):
     from basicsr.train import train_pipeline
-    from glare_nat_arch.compat import patch_basicsr
+    from glare_nat_models.launcher import patch_basicsr
 
     patch_basicsr()
     write_lol_tree(tmp_path / "lol")

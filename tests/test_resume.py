@@ -11,10 +11,11 @@ iterations in all:
   explicit ``path.resume_state``; it ends at iteration 7.
 
 The final ``net_g_latest.pth`` (``params``, and ``params_ema`` for the EMA model) must equal the reference bit for
-bit. What makes it exact (``glare_nat_arch.compat``): the resumed epoch skips the samples already consumed, the
-RNG states saved in the training state are restored where the uninterrupted run stood, and validation does not
-consume random numbers of the training streams. The control (``test_resume_without_rng_states_differs``) shows the
-comparison is sensitive: the same resume from a state whose ``rng_states`` were removed gives other weights.
+bit. What makes it exact (``glare_nat_models.exact_resume``, ``glare_nat_models.rng_states``): the resumed epoch
+skips the samples already consumed, the RNG states saved in the training state are restored where the uninterrupted
+run stood, and validation does not consume random numbers of the training streams. The control
+(``test_resume_without_rng_states_differs``) shows the comparison is sensitive: the same resume from a state whose
+``rng_states`` were removed gives other weights.
 """
 
 from __future__ import annotations

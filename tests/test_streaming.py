@@ -339,10 +339,11 @@ def test_golden_stage3_streamed(golden, stage3_golden):
 @pytest.fixture(scope="module")
 def stage3_golden(golden):
     from glare_nat_arch.vqgan_arch import GLAREVQGAN
+    from glare_nat_models.checkpoint import from_official, load_official
 
     net = GLARENet(**net_kwargs(golden), per_sample_rescale=False)
-    net.load_official({k: v.clone() for k, v in golden["full_state_dict"].items()})
-    vq = GLAREVQGAN.from_official(golden["vqgan_state_dict"], **vqgan_kwargs(golden))
+    load_official(net, {k: v.clone() for k, v in golden["full_state_dict"].items()})
+    vq = from_official(GLAREVQGAN, golden["vqgan_state_dict"], **vqgan_kwargs(golden))
     return net.eval(), vq.eval()
 
 

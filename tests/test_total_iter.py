@@ -4,7 +4,7 @@ recipe (``datasets.train.total_batch_size``) is split over the processes.
 Stock BasicSR plans ``ceil(20 / 3) = 7`` iterations per epoch for 20 pairs at batch 3, but its loader drops the
 last partial batch (6 batches per epoch), so with ``total_iter: 100`` it ran 16 epochs x 6 = 96 iterations; with
 two processes (10 samples each, 3 batches per epoch, 4 planned) it stopped at 78. The launcher counts epochs from
-the loader (``glare_nat_arch.train_schedule``, applied by shim 13 of ``glare_nat_arch.compat``).
+the loader (``glare_nat_models.train_schedule``, applied by ``glare_nat_models.exact_resume`` through the launcher).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_total_batch_is_split_over_the_processes(runs, nproc):
 
 
 def test_total_batch_errors_name_the_key():
-    from glare_nat_arch.train_schedule import resolve_total_batch
+    from glare_nat_models.train_schedule import resolve_total_batch
 
     def opt(world: int, **train) -> dict:
         return {"dist": world > 1, "world_size": world, "num_gpu": 0, "datasets": {"train": train}, "train": {}}
@@ -95,7 +95,7 @@ def test_official_profiles_keep_the_official_total_batch_on_any_process_count(st
 
     import yaml
 
-    from glare_nat_arch.train_schedule import resolve_total_batch
+    from glare_nat_models.train_schedule import resolve_total_batch
     from tests.train_runs import REPO_ROOT
 
     opt = yaml.safe_load((REPO_ROOT / "options" / "official" / stage).read_text())

@@ -6,9 +6,10 @@ import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-import glare_nat_arch  # noqa: F401  (compat shims first)
+import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
 from glare_nat_arch.quantize import VectorQuantizer
-from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES, StateDictMismatchError
+from glare_nat_arch.vqgan_arch import GLAREVQGAN, VQGAN_UNUSED_PREFIXES
+from glare_nat_models.checkpoint import CheckpointError, StrictLoadError, from_official, load_official
 from tests.tolerance import assert_same_codes, code_distance_tolerance
 
 F64 = dict(rtol=1e-6, atol=1e-5)  # tests/data/README.md: float64 vs stored float64
@@ -25,7 +26,7 @@ def vqgan_kwargs(golden: dict) -> dict:
 @pytest.fixture(scope="module")
 def golden_vqgan(golden: dict) -> GLAREVQGAN:
     net = GLAREVQGAN(**vqgan_kwargs(golden))
-    dropped = net.load_official(golden["vqgan_state_dict"])
+    dropped = load_official(net, golden["vqgan_state_dict"])
     assert dropped and all(k.startswith(VQGAN_UNUSED_PREFIXES) for k in dropped)
     return net.eval()
 
@@ -94,26 +95,29 @@ def test_decode_variants_agree(golden, golden_vqgan):
 def test_load_official_rejects_unknown_missing_and_misshaped_keys(golden):
     net = GLAREVQGAN(**vqgan_kwargs(golden))
     sd = dict(golden["vqgan_state_dict"])
-    with pytest.raises(StateDictMismatchError, match=r"unexpected \(1\).*discriminator\.w"):
-        net.load_official({**sd, "discriminator.w": torch.zeros(1)})
+    with pytest.raises(StrictLoadError, match=r"unexpected keys .*\(1\):\n  discriminator\.w"):
+        load_official(net, {**sd, "discriminator.w": torch.zeros(1)})
     missing = {k: v for k, v in sd.items() if k != "quant_conv.bias"}
-    with pytest.raises(StateDictMismatchError, match=r"missing \(1\).*quant_conv\.bias"):
-        net.load_official(missing)
-    with pytest.raises(StateDictMismatchError, match=r"shape \(1\).*quantize\.embedding\.weight"):
-        net.load_official({**sd, "quantize.embedding.weight": torch.zeros(8192, 3)})
-    with pytest.raises(FileNotFoundError, match="no_such_vqgan.pkl"):
-        net.load_official("/nonexistent/no_such_vqgan.pkl")
+    with pytest.raises(StrictLoadError, match=r"missing keys .*\(1\):\n  quant_conv\.bias"):
+        load_official(net, missing)
+    with pytest.raises(StrictLoadError, match=r"shape-mismatched keys .*\(1\):\n  quantize\.embedding\.weight"):
+        load_official(net, {**sd, "quantize.embedding.weight": torch.zeros(8192, 3)})
+    with pytest.raises(CheckpointError, match="not found: /nonexistent/no_such_vqgan.pkl"):
+        load_official(net, "/nonexistent/no_such_vqgan.pkl")
 
 
 def test_load_official_reads_files_and_params_wrapper(golden, tmp_path):
     sd = golden["vqgan_state_dict"]
     torch.save(dict(sd), tmp_path / "vqgan.pkl")
     torch.save({"params": {k: v for k, v in sd.items() if not k.startswith(VQGAN_UNUSED_PREFIXES)}}, tmp_path / "c.pth")
-    a = GLAREVQGAN.from_official(tmp_path / "vqgan.pkl", **vqgan_kwargs(golden))
-    b = GLAREVQGAN.from_official(tmp_path / "c.pth", **vqgan_kwargs(golden))
+    a = from_official(GLAREVQGAN, tmp_path / "vqgan.pkl", **vqgan_kwargs(golden))
+    b = from_official(GLAREVQGAN, tmp_path / "c.pth", **vqgan_kwargs(golden))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     torch.testing.assert_close(a.quantize.embedding.weight, sd["quantize.embedding.weight"].float())
+    torch.save({**sd, "discriminator.w": torch.zeros(1)}, tmp_path / "extra.pkl")
+    with pytest.raises(StrictLoadError, match=r"extra\.pkl does not match GLAREVQGAN"):
+        from_official(GLAREVQGAN, tmp_path / "extra.pkl", **vqgan_kwargs(golden))
 
 
 def test_official_size_matches_vqgan_pkl_layout():

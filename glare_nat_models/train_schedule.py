@@ -1,4 +1,4 @@
-"""How many samples a training step takes and how many epochs a run needs (used by the launcher shims).
+"""How many samples a training step takes and how many epochs a run needs (applied by the launcher patches).
 
 * ``datasets.train.total_batch_size``: the recipe's batch per optimiser step, split into BasicSR's
   ``batch_size_per_gpu`` for the processes (or DataParallel GPUs) of this launch (:func:`resolve_total_batch`).
