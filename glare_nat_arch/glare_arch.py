@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from glare_nat_arch.aft import MultiScaleDecoder
 from glare_nat_arch.blocks import Encoder
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
-from glare_nat_arch.streaming import RowStreaming, set_row_streaming
 from glare_nat_arch.vqgan_arch import GLAREVQGAN, load_state_dict_checked, read_state_dict
 
 __all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
@@ -76,8 +75,8 @@ class ConditionEncoder(nn.Module):
         self.color_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.cond_conv = nn.Sequential(nn.Conv2d(z_channels, cond_channels, 3, 1, 1), nn.Sigmoid())
 
-    def forward(self, x_log: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
-        e, skips = self.encoder(x_log, return_skips=True, defer_first_skip=defer_first_skip)
+    def forward(self, x_log: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        e, skips = self.encoder(x_log, return_skips=True)
         return {"bottleneck": e, "cond": self.cond_conv(e), "color_map": self.color_conv(e), "skips": skips}
 
 
@@ -88,10 +87,7 @@ class GLAREFlowNet(nn.Module):
     Args (official defaults): ``in_channels``; encoder ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
     ``resolution``, ``z_channels``, ``dropout`` (as the VQGAN encoder); ``cond_channels`` width of the flow
     condition; flow ``flow_hidden_channels``, ``flow_L``, ``flow_K``, ``flow_n_extra_steps`` and the shape of the
-    unused official conv ``flow_unused_f_in -> flow_unused_f_out``; ``row_stream_mb`` / ``row_stream_rows``: at
-    inference on CPU, levels whose maps exceed ``row_stream_mb`` MiB run ``row_stream_rows`` rows at a time
-    (:mod:`glare_nat_arch.streaming`: the same results up to float rounding, see there; a fraction of the memory;
-    None switches it off).
+    unused official conv ``flow_unused_f_in -> flow_unused_f_out``.
 
     Inputs: ``lq`` low-light images in [0, 1], (B, 3, H, W) with H, W multiples of ``downscale`` (4 officially).
     Latents are (B, z_channels, H/4, W/4).
@@ -114,8 +110,6 @@ class GLAREFlowNet(nn.Module):
         flow_n_extra_steps: int = 2,
         flow_unused_f_in: int = 320,
         flow_unused_f_out: int = 384,
-        row_stream_mb: float | None = 64.0,
-        row_stream_rows: int = 16,
     ):
         super().__init__()
         self.downscale = 2 ** (len(ch_mult) - 1)
@@ -132,8 +126,6 @@ class GLAREFlowNet(nn.Module):
             unused_f_in=flow_unused_f_in,
             unused_f_out=flow_unused_f_out,
         )
-        self._row_streaming = None if row_stream_mb is None else RowStreaming(row_stream_mb, row_stream_rows)
-        set_row_streaming(self, self._row_streaming)
 
     def _check_lq(self, lq: Tensor) -> None:
         if lq.dim() != 4:
@@ -145,21 +137,10 @@ class GLAREFlowNet(nn.Module):
                 "(pad first, e.g. with pad_to_multiple; GLARENet pads by itself)"
             )
 
-    def condition(self, lq: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
-        """``E_c(log_transform(lq))`` for lq in [0, 1]; see :class:`ConditionEncoder` for the dict (and
-        :meth:`~glare_nat_arch.blocks.Encoder.forward` for ``defer_first_skip``)."""
+    def condition(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        """``E_c(log_transform(lq))`` for lq (B, 3, H, W) in [0, 1]; see :class:`ConditionEncoder` for the dict."""
         self._check_lq(lq)
-        return self.RRDB(log_transform(lq), defer_first_skip=defer_first_skip)
-
-    def defers_finest(self, x: Tensor) -> bool:
-        """Whether inference on ``x`` (B, 3, H, W) runs the lean schedule: row streaming applies to the finest
-        level, so its maps (the skip ``s0``, the NL feature ``n0``) are computed when the fusion needs them instead
-        of being held through the whole network (:class:`GLARENet`)."""
-        cfg = self.RRDB.encoder.row_streaming  # the one setting (set_row_streaming), not a copy of it
-        if cfg is None:
-            return False
-        b, _, h, w = x.shape
-        return cfg.applies((b, self.RRDB.encoder.conv_in.out_channels, h, w), x, self.training)
+        return self.RRDB(log_transform(lq))
 
     def forward(
         self, gt_latent: Tensor, lq: Tensor, mu_from_gt: bool | Tensor = False
@@ -182,12 +163,12 @@ class GLAREFlowNet(nn.Module):
             mu = gt_latent if mu_from_gt else c["color_map"]
         return {**c, "z": z, "logdet": logdet, "mu": mu, "logp": gaussian_logp(z, mu), "nll": flow_nll(z, logdet, mu)}
 
-    def reverse(self, lq: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
+    def reverse(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """Inference direction: ``z_hat = f^-1(color_map; cond)`` with z = mu exactly (no noise, as official).
 
         Returns ``z_hat`` (B, z, h, w), ``logdet`` (B,, reverse log-determinant from 0) and the condition dict.
         """
-        c = self.condition(lq, defer_first_skip=defer_first_skip)
+        c = self.condition(lq)
         z_hat, logdet = self.flowUpsamplerNet(c["color_map"], c["cond"], reverse=True)
         return {**c, "z_hat": z_hat, "logdet": logdet}
 
@@ -236,7 +217,6 @@ class GLARENet(GLAREFlowNet):
             dcn_im2col_budget_mb=dcn_im2col_budget_mb,
             **enc.arch_kwargs,
         )
-        set_row_streaming(self, self._row_streaming)  # D_MF too
 
     def forward(
         self,
@@ -250,11 +230,7 @@ class GLARENet(GLAREFlowNet):
         Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> optional ``latent_refiner(z_hat, cond_dict)`` ->
         frozen ``vqgan.decode`` (quantise, ``D_NL`` features ``[n1, n0]``; its RGB is not computed) ->
         ``D_MF(z, [n1, n0], [s0, s1])``. ``latent_refiner=None`` is the official path; the refiner's output feeds
-        both decoders. At inference on large CPU inputs (row streaming, :mod:`glare_nat_arch.streaming`) the finest
-        skip ``s0`` and NL feature ``n0`` are not kept from their networks' runs: ``D_MF`` recomputes ``s0`` (the
-        encoder's first level) and computes ``n0`` (``D_NL``'s last level) when its last fusion needs them, so no
-        full-resolution map waits through the other networks (:meth:`defers_finest`; the same operations, so the same
-        results as the streamed levels give).
+        both decoders.
         Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with
         ``output`` plus (at the padded size) ``z_hat``, ``z_dec``, ``z_hat_quant``, ``z_hat_indices``, ``dnl_rgb``,
         ``n1``, ``n0``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1`` and the per-level fusion tensors.
@@ -262,17 +238,15 @@ class GLARENet(GLAREFlowNet):
         if lq.dim() != 4:
             raise ValueError(f"GLARENet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
         x, (h, w) = pad_to_multiple(lq, self.downscale)
-        lean = not return_intermediates and self.defers_finest(x)  # s0, n0 computed when the fusion needs them
-        rev = self.reverse(x, defer_first_skip=lean)
+        rev = self.reverse(x)
         z_dec = rev["z_hat"] if latent_refiner is None else latent_refiner(rev["z_hat"], rev)
         if return_intermediates:
             quant, _, indices = vqgan.quantize_latent(z_dec)
             dnl_rgb, nl_feats = vqgan.decode_quant(quant, return_rgb=True)
         else:
-            _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False, defer_finest=lean)
+            _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False)
         inter: dict | None = {} if return_intermediates else None
-        release = not return_intermediates  # hand the feature lists over: each map is freed once fused
-        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter, release_inputs=release)
+        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter)
         out = out[..., :h, :w]
         if not return_intermediates:
             return out

@@ -336,15 +336,12 @@ class _LatentNATMixin:
         return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
 
     @staticmethod
-    def decode_nl(
-        vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool, defer_finest: bool = False
-    ) -> tuple[Tensor | None, list[Tensor]]:
-        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb or None, [n1, n0])`` (``n0`` a
-        callable computing it later with ``defer_finest``, see :meth:`GLARENet.forward`)."""
+    def decode_nl(vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool) -> tuple[Tensor | None, list[Tensor]]:
+        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb (B, 3, H, W) or None, [n1, n0])``."""
         quant = lat.get("quant_nl")
         if quant is None:
             quant, _, _ = vqgan.quantize_latent(lat["z_nl"])
-        return vqgan.decode_quant(quant, return_rgb=return_rgb, defer_finest=defer_finest)
+        return vqgan.decode_quant(quant, return_rgb=return_rgb)
 
 
 @ARCH_REGISTRY.register()
@@ -456,19 +453,16 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
         if lq.dim() != 4:
             raise ValueError(f"GLARENATNet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
         x, (h, w) = pad_to_multiple(lq, self.downscale)
-        lean = not return_intermediates and self.defers_finest(x)  # s0, n0 computed when the fusion needs them
-        rev = self.reverse(x, defer_first_skip=lean)
+        rev = self.reverse(x)
         lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates, defer_finest=lean)
+        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates)
         info: dict[str, Tensor] = {}
         hook = None
         if self.nat3 is not None:
             record = info if return_intermediates else None
             hook = self._nat3_hook(rev["cond"], lat["uncertainty"], nat3_random_r_max, generator, record)
         inter: dict | None = {} if return_intermediates else None
-        out = self.deformable_decoder(
-            lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=hook, release_inputs=inter is None
-        )
+        out = self.deformable_decoder(lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=hook)
         out = out[..., :h, :w]
         if not return_intermediates:
             return out

@@ -41,16 +41,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # perf_tools
 
 import torch  # noqa: E402
+from perf_tools import LiveTensorBytes, mac_counter  # noqa: E402
+from perf_tools import measure as perf_measure  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
-from glare_nat_models.perf import LiveTensorBytes, mac_counter  # noqa: E402
-from glare_nat_models.perf import measure as perf_measure  # noqa: E402
 
 TARGETS = {"latency": 0.10, "memory": 0.12}
 
@@ -191,8 +192,8 @@ def autocast(device: torch.device, amp: str | None):
 def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, amp: str | None) -> dict[str, float]:
     """Latency (ms: wall mean, sd, median; process CPU-time median), peak activation bytes and MACs of ``fn(x)``.
 
-    Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; one more, untimed call counts the
-    multiply-accumulates (:func:`glare_nat_models.perf.mac_counter`: noise-free, what CPU time follows) and, on the
+    Timing and the CUDA peak come from :func:`perf_tools.measure`; one more, untimed call counts the
+    multiply-accumulates (:func:`perf_tools.mac_counter`: noise-free, what CPU time follows) and, on the
     CPU, the peak of live tensor storages (:class:`LiveTensorBytes`). ``runs = 0``: that call only (no latency keys;
     on CUDA its own peak).
     """

@@ -200,9 +200,9 @@ def test_golden_stage3_float64(golden, run64):
         close(out[f"level{level}_h_post"], h_mix + ref[f"level{level}_u"].double() * ratio, F64_STORED_F32)
 
 
-def test_golden_stage3_with_the_tapwise_dcn_and_inplace_inference_path(golden, run64, stage3, vqgan):
-    """The memory-lean inference path (tap-wise DCN, in-place mix / rescale / activations, released feature lists)
-    reproduces the official output: float64 against the golden output and against the im2col run."""
+def test_golden_stage3_with_the_tapwise_dcn(golden, run64, stage3, vqgan):
+    """The tap-wise DCN at inference reproduces the official output: float64 against the golden output and
+    against the im2col run."""
     net, vq = copy.deepcopy(stage3).double(), vqgan.double()
     for warp in net.deformable_decoder.warp:
         warp.dcn.impl = "tapwise"
