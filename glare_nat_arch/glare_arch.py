@@ -10,7 +10,8 @@ Attribute names equal the official ones so the official weights load 1:1 with ``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +25,42 @@ from glare_nat_arch.vqgan_arch import GLAREVQGAN, load_state_dict_checked, read_
 
 __all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
 
-LatentRefiner = Callable[[Tensor, dict], Tensor]
-
 
 def log_transform(x: Tensor) -> Tensor:
     """Official low-light preprocessing ``log(clamp(x + 1e-3, min=1e-3))`` for x in [0, 1] (range about [-6.9, 0])."""
     return torch.log(torch.clamp(x + 1e-3, min=1e-3))
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple``; returns the padded tensor and (H, W).
+def pad_to_multiple(
+    x: Tensor, multiple: int, mode: str = "reflect", border: tuple[int, int] = (0, 0)
+) -> tuple[Tensor, tuple[int, int]]:
+    """The one padding of an image before a network: (B, C, H, W) -> (B, C, H', W') with H', W' multiples of
+    ``multiple``, in one ``F.pad``.
 
-    Reflect padding, or replicate padding when a side is too short to reflect. (The official test scripts
-    instead always reflect-pad 20 px at the bottom and left and crop ``[:H, 20:]``; 400x600 LOL images are
-    already multiples of 4, so that padding only adds border context.)
+    Args:
+        x: ``(B, C, H, W)`` tensor.
+        multiple: required divisor of the padded H and W (``1`` = only the border).
+        mode: ``F.pad`` mode; ``'reflect'`` falls back to ``'replicate'`` when a side is too short to reflect
+            (reflection needs pad < size).
+        border: ``(bottom, left)`` pixels added first (the official test scripts reflect-pad 20 px at the bottom and
+            left, ``val.extra_pad``); the rest of the padding goes to the bottom and right.
+
+    Returns:
+        ``(x_pad, (H, W))``: the original image is ``x_pad[..., :H, left : left + W]``.
     """
+    if x.dim() != 4:
+        raise ValueError(f"pad_to_multiple expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
+    bottom, left = (int(v) for v in border)
+    bottom += (-(h + bottom)) % multiple
+    right = (-(w + left)) % multiple
+    if bottom == 0 and left == 0 and right == 0:
         return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+    if mode == "reflect" and (bottom >= h or max(left, right) >= w):
+        mode = "replicate"
+    return F.pad(x, (left, right, 0, bottom), mode=mode), (h, w)
 
 
 class ConditionEncoder(nn.Module):
@@ -134,7 +150,7 @@ class GLAREFlowNet(nn.Module):
         if h % self.downscale or w % self.downscale:
             raise ValueError(
                 f"{type(self).__name__}: H, W = {h}, {w} must be multiples of {self.downscale} "
-                "(pad first, e.g. with pad_to_multiple; GLARENet pads by itself)"
+                "(pad first with glare_nat_arch.glare_arch.pad_to_multiple; the models' test() does)"
             )
 
     def condition(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
@@ -171,6 +187,48 @@ class GLAREFlowNet(nn.Module):
         c = self.condition(lq)
         z_hat, logdet = self.flowUpsamplerNet(c["color_map"], c["cond"], reverse=True)
         return {**c, "z_hat": z_hat, "logdet": logdet}
+
+    # ------------------------------------------------------------------------------------ the image path
+    def refine_latent(self, rev: Mapping[str, Any], codebook: Tensor) -> dict[str, Any]:
+        """Latent hook: the decoder inputs from a reverse-flow result ``rev`` (:meth:`reverse`) and the VQGAN
+        ``codebook`` (K, d). Returns ``z_nl`` (NL-decoder input, B x d x h x w), ``quant_nl`` (its quantisation, or
+        None: then the VQGAN quantises ``z_nl``) and ``z_mf`` (the ``D_MF`` input; Stage III only).
+
+        Here the official path: ``z_hat`` for both decoders. The NAT networks override it
+        (:meth:`~glare_nat_arch.glare_nat_arch.GLARENATNet.refine_latent`) and may add entries.
+        """
+        z_hat = rev["z_hat"]
+        return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat}
+
+    @staticmethod
+    def decode_nl(
+        vqgan: GLAREVQGAN, lat: Mapping[str, Any], return_rgb: bool
+    ) -> tuple[Tensor | None, list[Tensor], Tensor, Tensor | None]:
+        """The frozen normal-light decoder on :meth:`refine_latent`'s output.
+
+        Returns ``(rgb (B, 3, H, W) or None, [n1, n0], quant (B, d, h, w), indices (B, h, w) or None)``; ``indices``
+        is None when ``lat`` brings its own quantisation ``quant_nl``.
+        """
+        quant, indices = lat.get("quant_nl"), None
+        if quant is None:
+            quant, _, indices = vqgan.quantize_latent(lat["z_nl"])
+        rgb, feats = vqgan.decode_quant(quant, return_rgb=return_rgb)
+        return rgb, feats, quant, indices
+
+    def enhance(self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False) -> Tensor | dict[str, Any]:
+        """Stage-II enhancement: ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
+        :func:`pad_to_multiple`) -> raw RGB (B, 3, H, W) of the frozen VQGAN decoder.
+
+        Path: log -> ``E_c`` -> reverse flow -> :meth:`refine_latent` -> quantise -> ``D_NL``. With
+        ``return_intermediates`` a dict: ``output``, ``z_hat``, ``cond``, ``color_map`` and the
+        :meth:`refine_latent` entries.
+        """
+        rev = {k: v for k, v in self.reverse(lq).items() if k in ("z_hat", "cond", "color_map")}  # skips freed
+        lat = self.refine_latent(rev, vqgan.quantize.embedding.weight)
+        out, _, _, _ = self.decode_nl(vqgan, lat, return_rgb=True)
+        if not return_intermediates:
+            return out
+        return {"output": out, **rev, **lat}
 
     def load_official(self, src: str | os.PathLike | Mapping[str, Tensor]) -> None:
         """Load an official checkpoint (flat dict, or BasicSR ``{'params': ...}``) with ``strict=True``.
@@ -218,43 +276,44 @@ class GLARENet(GLAREFlowNet):
             **enc.arch_kwargs,
         )
 
-    def forward(
-        self,
-        lq: Tensor,
-        vqgan: GLAREVQGAN,
-        latent_refiner: LatentRefiner | None = None,
-        return_intermediates: bool = False,
-    ) -> Tensor | dict[str, Tensor]:
-        """Enhance ``lq`` (B, 3, H, W) in [0, 1]; any H, W (reflect-padded to a multiple of 4, cropped back).
+    def decoder_mid_hook(self, rev: Mapping[str, Any], lat: Mapping[str, Any], record: dict | None, **options):
+        """``D_MF`` hook: a ``h -> h`` transform of the bottleneck feature after ``mid`` (B, C, h, w), or None (the
+        official path). ``record``, when a dict, receives tensors for ``return_intermediates``. The NAT-III network
+        overrides it (:meth:`~glare_nat_arch.glare_nat_arch.GLARENATNet.decoder_mid_hook`) and takes ``options``."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.forward got unexpected options {sorted(options)}")
+        return None
 
-        Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> optional ``latent_refiner(z_hat, cond_dict)`` ->
-        frozen ``vqgan.decode`` (quantise, ``D_NL`` features ``[n1, n0]``; its RGB is not computed) ->
-        ``D_MF(z, [n1, n0], [s0, s1])``. ``latent_refiner=None`` is the official path; the refiner's output feeds
-        both decoders.
-        Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with
-        ``output`` plus (at the padded size) ``z_hat``, ``z_dec``, ``z_hat_quant``, ``z_hat_indices``, ``dnl_rgb``,
-        ``n1``, ``n0``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1`` and the per-level fusion tensors.
+    def forward(
+        self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False, **options
+    ) -> Tensor | dict[str, Tensor]:
+        """Enhance ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
+        :func:`pad_to_multiple`; the models' ``test()`` does).
+
+        Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> latent hook :meth:`refine_latent` -> frozen VQGAN
+        quantise + ``D_NL`` features ``[n1, n0]`` (its RGB only with ``return_intermediates``) ->
+        ``D_MF(z_mf, [n1, n0], [s0, s1])`` with :meth:`decoder_mid_hook` after its ``mid`` block. The hooks of this
+        class are the official path; ``options`` go to :meth:`decoder_mid_hook`.
+
+        Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with ``output`` plus
+        ``z_hat``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1``, the
+        :meth:`refine_latent` entries, ``z_dec`` (= ``z_nl``), ``z_hat_quant`` / ``z_hat_indices`` (the
+        quantisation fed to ``D_NL``; indices None when the latent hook brings it), ``dnl_rgb``, ``n1``, ``n0``,
+        the per-level fusion tensors and what :meth:`decoder_mid_hook` records.
         """
-        if lq.dim() != 4:
-            raise ValueError(f"GLARENet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
-        x, (h, w) = pad_to_multiple(lq, self.downscale)
-        rev = self.reverse(x)
-        z_dec = rev["z_hat"] if latent_refiner is None else latent_refiner(rev["z_hat"], rev)
-        if return_intermediates:
-            quant, _, indices = vqgan.quantize_latent(z_dec)
-            dnl_rgb, nl_feats = vqgan.decode_quant(quant, return_rgb=True)
-        else:
-            _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False)
+        rev = self.reverse(lq)
+        lat = self.refine_latent(rev, vqgan.quantize.embedding.weight)
+        dnl_rgb, nl_feats, quant, indices = self.decode_nl(vqgan, lat, return_rgb=return_intermediates)
+        record: dict | None = {} if return_intermediates else None
+        mid_hook = self.decoder_mid_hook(rev, lat, record, **options)
         inter: dict | None = {} if return_intermediates else None
-        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter)
-        out = out[..., :h, :w]
+        out = self.deformable_decoder(lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=mid_hook)
         if not return_intermediates:
             return out
-        s0, s1 = rev["skips"][0], rev["skips"][1]
         extra = {k: rev[k] for k in ("z_hat", "cond", "color_map", "bottleneck")}
-        n1, n0 = nl_feats[0], nl_feats[-1]
-        base = {"output": out, "z_dec": z_dec, "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
-        return {**base, **extra, "n1": n1, "n0": n0, "s0": s0, "s1": s1, **inter}
+        nl = {"z_dec": lat["z_nl"], "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
+        skips = {"s0": rev["skips"][0], "s1": rev["skips"][1], "n1": nl_feats[0], "n0": nl_feats[-1]}
+        return {"output": out, **extra, **lat, **nl, **skips, **inter, **record}
 
     def load_official(self, src: str | os.PathLike | Mapping[str, Tensor], stage2_only: bool = False) -> None:
         """Load ``net_G.pth`` strictly; ``stage2_only`` loads a Stage-II checkpoint into ``RRDB`` and
