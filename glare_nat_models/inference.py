@@ -241,9 +241,9 @@ def set_malloc_mmap_threshold(mb: float) -> bool:
     """Serve every CPU allocation of at least ``mb`` MiB from its own memory mapping (glibc ``mallopt``
     ``M_MMAP_THRESHOLD``), for the whole process. Returns False (and changes nothing) without glibc.
 
-    By default glibc raises this threshold to the size of freed blocks, up to 32 MiB, so the tens-of-MiB strips and
-    quarter-resolution maps of row-streamed inference come from the heap, and the heap keeps freed pages: the
-    process's resident memory then exceeds the live tensors by a few hundred MiB (docs/performance.md). A fixed
+    By default glibc raises this threshold to the size of freed blocks, up to 32 MiB, so blocks up to that size come
+    from the heap, and the heap keeps freed pages: the process's resident memory then exceeds the live tensors
+    (docs/performance.md). A fixed
     threshold hands such blocks back to the OS when freed, at the cost of zeroing fresh pages on every allocation
     (slower). Process-wide, so only entry points call it, when asked (``--mmap-threshold-mb``).
     """
