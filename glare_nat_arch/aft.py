@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Normalize, swish
+from glare_nat_arch.blocks import OFFICIAL_SIZE, Decoder, Normalize, VQGANSize, swish
 from glare_nat_arch.deform import LeanDCNv2Pack
 
 __all__ = ["Mix", "WarpBlock", "MultiScaleDecoder"]
@@ -103,7 +103,8 @@ def _unused_conv_pair(c: int) -> nn.Sequential:
 class MultiScaleDecoder(Decoder):
     """``D_MF``: the decoder backbone with AFT fusion of NL-decoder features and conditional-encoder skips.
 
-    Args: backbone arguments as :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
+    Args: backbone ``size`` (:class:`~glare_nat_arch.blocks.VQGANSize`) and ``out_ch`` as
+    :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
     level, coarse to fine (official -1.0, -0.6); ``per_sample_rescale``: if True the rescale ratio
     mean(h)/mean(u) is taken per sample (over C, H, W; the default: what the official training computed with one
     sample per GPU) instead of over the whole batch tensor (False: the official code on one replica, which couples
@@ -124,21 +125,16 @@ class MultiScaleDecoder(Decoder):
 
     def __init__(
         self,
+        size: VQGANSize = OFFICIAL_SIZE,
         out_ch: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        dropout: float = 0.0,
         mix_init: Sequence[float] = (-1.0, -0.6),
         per_sample_rescale: bool = True,
         deformable_groups: int = 4,
         dcn_impl: str = "auto",
         dcn_im2col_budget_mb: float = 256.0,
     ):
-        super().__init__(out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        super().__init__(size, out_ch)
+        ch, ch_mult = size.ch, size.ch_mult
         n_fused = len(ch_mult) - 1
         if len(mix_init) != n_fused:
             raise ValueError(f"mix_init needs {n_fused} values (one per fused level), got {list(mix_init)}")

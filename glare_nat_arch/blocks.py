@@ -14,12 +14,15 @@ Every sub-module keeps the attribute names of the official GLARE code (``LowLeve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "VQGANSize",
+    "OFFICIAL_SIZE",
     "Normalize",
     "swish",
     "ResnetBlock",
@@ -157,48 +160,65 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
+@dataclass(frozen=True)
+class VQGANSize:
+    """The size of a VQGAN-style encoder / decoder, shared by GLARE's ``E_NL``, ``D_NL``, ``E_c`` and ``D_MF``
+    (official defaults). The registered networks take these as flat option keys and build one ``VQGANSize``.
+
+    Attributes:
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multipliers; ``len(ch_mult) - 1`` stride-2 down- / upsamples, ``f = 2 ** (len(ch_mult) - 1)``.
+        num_res_blocks: ResnetBlocks per encoder level (the decoder has one more per level).
+        attn_resolutions: nominal resolutions (``resolution / 2**level``) whose blocks get an AttnBlock each.
+        resolution: nominal input size (bookkeeping for ``attn_resolutions`` only; any input size works).
+        z_channels: bottleneck channels.
+        dropout: dropout inside the ResnetBlocks.
+
+    Shapes: image (B, C, H, W) with H, W multiples of ``f`` <-> latent (B, z_channels, H / f, W / f); level ``i``
+    features (B, ch * ch_mult[i], H / 2**i, W / 2**i).
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (64,)
+    resolution: int = 256
+    z_channels: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:  # YAML gives lists: store tuples (hashable, immutable)
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+
+    @property
+    def downscale(self) -> int:
+        """``f = 2 ** (len(ch_mult) - 1)``: image side / latent side."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+#: the official GLARE VQGAN size (the default of every network here)
+OFFICIAL_SIZE = VQGANSize()
+
+
 class Encoder(nn.Module):
     """taming-transformers encoder (GLARE's ``E_NL`` and the body of ``E_c``).
 
     Args:
+        size: :class:`VQGANSize` (widths, levels, attention, bottleneck ``z_channels``, dropout).
         in_channels: image channels.
-        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
-        ch_mult: width multipliers; ``len(ch_mult) - 1`` stride-2 downsamples.
-        num_res_blocks: ResnetBlocks per level.
-        attn_resolutions: nominal resolutions (``resolution / 2**level``) whose blocks get an AttnBlock each.
-        resolution: nominal input size (bookkeeping for ``attn_resolutions`` only; any input size works).
-        z_channels: bottleneck channels (``2 * z_channels`` if ``double_z``).
-        dropout: dropout inside the ResnetBlocks.
+        double_z: bottleneck of ``2 * z_channels`` channels.
 
-    Input (B, in_channels, H, W) with H, W multiples of ``2 ** (len(ch_mult) - 1)``.
+    Input (B, in_channels, H, W) with H, W multiples of ``f = size.downscale``.
     Output (B, z_channels, H / f, W / f), and with ``return_skips=True`` also the pre-downsample features
     ``[level0 (B, ch*ch_mult[0], H, W), level1 (B, ch*ch_mult[1], H/2, W/2), ...]`` (one per downsample).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        double_z: bool = False,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, in_channels: int = 3, double_z: bool = False):
         super().__init__()
+        self.size = size
+        ch, ch_mult, num_res_blocks, dropout = size.ch, size.ch_mult, size.num_res_blocks, size.dropout
+        attn_resolutions, resolution, z_channels = size.attn_resolutions, size.resolution, size.z_channels
         self.num_resolutions = len(ch_mult)
-        #: the size arguments shared with a matching Decoder (used to build GLARE's D_MF like E_c)
-        self.arch_kwargs = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         in_ch_mult = (1, *ch_mult)
         curr_res = resolution
@@ -240,25 +260,18 @@ LevelHook = Callable[[int, Tensor], Tensor]
 class Decoder(nn.Module):
     """taming-transformers decoder (GLARE's ``D_NL``; also the backbone of the multi-feature decoder ``D_MF``).
 
-    Args mirror :class:`Encoder` (``out_ch`` is the RGB head width).
+    Args: ``size`` (:class:`VQGANSize`) and ``out_ch`` (the RGB head width).
 
     ``forward(z)`` with z (B, z_channels, h, w) returns ``(rgb (B, out_ch, h*f, w*f) or None, feats)``. ``feats``
     holds the features after the res-blocks of every level below the bottleneck, before its upsample, coarse to
     fine: for three levels ``[n1 (B, ch*ch_mult[1], H/2, W/2), n0 (B, ch*ch_mult[0], H, W)]``.
     """
 
-    def __init__(
-        self,
-        out_ch: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, out_ch: int = 3):
         super().__init__()
+        self.size = size
+        ch, ch_mult, num_res_blocks, dropout = size.ch, size.ch_mult, size.num_res_blocks, size.dropout
+        attn_resolutions, resolution, z_channels = size.attn_resolutions, size.resolution, size.z_channels
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)

@@ -19,7 +19,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.aft import MultiScaleDecoder
-from glare_nat_arch.blocks import Encoder
+from glare_nat_arch.blocks import OFFICIAL_SIZE, Encoder, VQGANSize
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
 from glare_nat_arch.vqgan_arch import GLAREVQGAN, load_state_dict_checked, read_state_dict
 
@@ -66,28 +66,17 @@ def pad_to_multiple(
 class ConditionEncoder(nn.Module):
     """``E_c`` (official ``ConEncoder1``): a VQGAN-encoder copy plus two heads on its bottleneck ``e``.
 
+    Args: ``size`` (:class:`~glare_nat_arch.blocks.VQGANSize`), ``in_channels``, ``cond_channels``.
     ``encoder``: :class:`~glare_nat_arch.blocks.Encoder`; ``cond_conv``: Sequential(Conv3x3 z->cond_channels,
     Sigmoid); ``color_conv``: Conv3x3 z->z. Input: the *log-transformed* low-light image (B, 3, H, W).
     Output dict: ``bottleneck`` e (B, z, h, w), ``cond`` (B, cond_channels, h, w), ``color_map`` (prior mean mu,
     B, z, h, w) and ``skips`` ``[s0 (B, ch*ch_mult[0], H, W), s1 (B, ch*ch_mult[1], H/2, W/2)]``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        cond_channels: int = 64,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, in_channels: int = 3, cond_channels: int = 64):
         super().__init__()
-        self.encoder = Encoder(
-            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, False, dropout
-        )
+        self.encoder = Encoder(size, in_channels=in_channels)
+        z_channels = size.z_channels
         self.color_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.cond_conv = nn.Sequential(nn.Conv2d(z_channels, cond_channels, 3, 1, 1), nn.Sigmoid())
 
@@ -101,7 +90,8 @@ class GLAREFlowNet(nn.Module):
     """GLARE Stage II: conditional encoder ``RRDB`` and latent flow ``flowUpsamplerNet`` (official ``LLFlowVQGAN2``).
 
     Args (official defaults): ``in_channels``; encoder ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
-    ``resolution``, ``z_channels``, ``dropout`` (as the VQGAN encoder); ``cond_channels`` width of the flow
+    ``resolution``, ``z_channels``, ``dropout`` (flat option keys of :class:`~glare_nat_arch.blocks.VQGANSize`, as
+    the VQGAN encoder; kept as :attr:`size`); ``cond_channels`` width of the flow
     condition; flow ``flow_hidden_channels``, ``flow_L``, ``flow_K``, ``flow_n_extra_steps`` and the shape of the
     unused official conv ``flow_unused_f_in -> flow_unused_f_out``.
 
@@ -128,10 +118,10 @@ class GLAREFlowNet(nn.Module):
         flow_unused_f_out: int = 384,
     ):
         super().__init__()
-        self.downscale = 2 ** (len(ch_mult) - 1)
-        self.RRDB = ConditionEncoder(
-            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, cond_channels, dropout
-        )
+        #: the VQGAN size of ``E_c`` (and of ``D_MF`` in Stage III), built once from the flat option keys
+        self.size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        self.downscale = self.size.downscale
+        self.RRDB = ConditionEncoder(self.size, in_channels=in_channels, cond_channels=cond_channels)
         self.flowUpsamplerNet = LatentFlow(
             in_channels=z_channels,
             cond_channels=cond_channels,
@@ -266,14 +256,13 @@ class GLARENet(GLAREFlowNet):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        enc = self.RRDB.encoder
         self.deformable_decoder = MultiScaleDecoder(
+            self.size,
             out_ch=out_ch,
             mix_init=mix_init,
             per_sample_rescale=per_sample_rescale,
             dcn_impl=dcn_impl,
             dcn_im2col_budget_mb=dcn_im2col_budget_mb,
-            **enc.arch_kwargs,
         )
 
     def decoder_mid_hook(self, rev: Mapping[str, Any], lat: Mapping[str, Any], record: dict | None, **options):

@@ -14,7 +14,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Encoder
+from glare_nat_arch.blocks import Decoder, Encoder, VQGANSize
 from glare_nat_arch.quantize import VectorQuantizer
 
 __all__ = [
@@ -88,7 +88,8 @@ class GLAREVQGAN(nn.Module):
     """GLARE's VQGAN (f = 2**(len(ch_mult)-1), official: f=4, K=8192, d=3).
 
     Args (official defaults): ``in_channels``/``out_ch`` image channels; ``ch``, ``ch_mult``, ``num_res_blocks``,
-    ``attn_resolutions``, ``resolution``, ``z_channels``, ``dropout`` as in :class:`~glare_nat_arch.blocks.Encoder`;
+    ``attn_resolutions``, ``resolution``, ``z_channels``, ``dropout``: the fields of
+    :class:`~glare_nat_arch.blocks.VQGANSize` (flat option keys, as BasicSR archs take them);
     ``n_embed`` codes of dimension ``embed_dim``; ``beta`` commitment weight.
 
     Shapes for an image (B, 3, H, W): latent / quant (B, embed_dim, H/f, W/f), indices (B, H/f, W/f).
@@ -110,18 +111,10 @@ class GLAREVQGAN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        arch = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
-        self.downscale = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(in_channels=in_channels, double_z=False, **arch)
-        self.decoder = Decoder(out_ch=out_ch, **arch)
+        size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        self.downscale = size.downscale
+        self.encoder = Encoder(size, in_channels=in_channels)
+        self.decoder = Decoder(size, out_ch=out_ch)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
