@@ -22,12 +22,10 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Normalize, can_write_inplace
+from glare_nat_arch.blocks import OFFICIAL_SIZE, Decoder, Normalize, VQGANSize, swish
 from glare_nat_arch.deform import LeanDCNv2Pack
-from glare_nat_arch.streaming import conv_rows, row_strips, rows_with_halo
 
 __all__ = ["Mix", "WarpBlock", "MultiScaleDecoder"]
 
@@ -39,12 +37,9 @@ class Mix(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.tensor([float(init)]))
 
-    def forward(self, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
-        """``a``, ``b`` (B, C, H, W) -> (B, C, H, W). ``inplace`` (inference only; ``b`` must be a temporary the
-        caller owns): ``b.lerp_(a, m)`` = ``b + m (a - b)``, the same mix without allocating (float rounding)."""
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a``, ``b`` (B, C, H, W) -> (B, C, H, W)."""
         m = torch.sigmoid(self.w).to(a.dtype)
-        if inplace and can_write_inplace(b, a):
-            return b.lerp_(a, m)
         return a * m + b * (1 - m)
 
 
@@ -71,41 +66,9 @@ class WarpBlock(nn.Module):
             im2col_budget_mb=dcn_im2col_budget_mb,
         )
 
-    def offset_feature(self, n: Tensor, h: Tensor) -> Tensor:
-        """``offset(cat([n, h]))`` (B, C, H, W), as two convolutions on the halves of the weight: the 2C-channel
-        concatenation is never allocated (same sum, float rounding)."""
-        c = n.shape[1]
-        w = self.offset.weight
-        out = F.conv2d(n, w[:, :c], self.offset.bias, padding=1)
-        other = F.conv2d(h, w[:, c:], None, padding=1)
-        return out.add_(other) if can_write_inplace(out, other) else out + other
-
-    def forward_streamed(self, n: Tensor, h: Tensor, rows: int) -> Tensor:
-        """:meth:`forward` at inference, ``rows`` output rows at a time (row streaming, :mod:`~glare_nat_arch.
-        streaming`): the offset feature and the offsets/masks exist per strip only, the tap-wise DCN samples the
-        whole ``n``. Same result up to float rounding; (B, C, H, W) -> (B, C, H, W)."""
-        b, c, height, width = n.shape
-        w = self.offset.weight
-        u = n.new_empty(b, self.dcn.out_channels, height, width)
-        n_off = 2 * self.dcn.deformable_groups * self.dcn.kernel_size[0] * self.dcn.kernel_size[1]
-        offset_abs = torch.zeros((), dtype=torch.float64)
-        for r0, r1 in row_strips(height, rows):
-            a, z = max(r0 - 1, 0), min(r1 + 1, height)  # offset-feature rows under conv_offset's 3x3 window
-            feat = F.conv2d(rows_with_halo(n, a, z), w[:, :c], self.offset.bias, padding=(0, 1))
-            feat += F.conv2d(rows_with_halo(h, a, z), w[:, c:], None, padding=(0, 1))
-            if a > r0 - 1 or z < r1 + 1:  # conv_offset's zero padding at the image border
-                feat = F.pad(feat, (0, 0, a - (r0 - 1), r1 + 1 - z))
-            out = conv_rows(self.dcn.conv_offset, feat)
-            del feat
-            offset_abs += out[:, :n_off].abs().sum(dtype=torch.float64)
-            u[:, :, r0:r1] = self.dcn.deform(n, out, row_start=r0)
-        self.dcn.warn_offsets(offset_abs / (b * n_off * height * width))
-        return u
-
     def forward(self, n: Tensor, h: Tensor) -> Tensor:
-        if self.dcn.uses_tapwise(n):  # inference on a large map: the offset feature is freed before the sampling
-            return self.dcn.deform(n, self.dcn.conv_offset(self.offset_feature(n, h)))
-        return self.dcn(n, self.offset_feature(n, h))
+        """``dcn(n; offsets/masks from offset(cat([n, h])))``: n, h (B, C, H, W) -> (B, C, H, W)."""
+        return self.dcn(n, self.offset(torch.cat([n, h], dim=1)))
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -118,15 +81,6 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 def _at_least_float32(x: Tensor) -> Tensor:
     """``x`` in float32 if it is a half-precision tensor (autocast output), else unchanged (float32 / float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _resolve(feats: list, i: int, release: bool) -> Tensor:
-    """``feats[i]``, computed if it is a deferred feature (a callable); with ``release`` the entry is set to None so
-    that the caller's list no longer keeps it."""
-    item = feats[i]
-    if release:
-        feats[i] = None
-    return item() if callable(item) else item
 
 
 class _UnusedResBlock(nn.Module):
@@ -149,7 +103,8 @@ def _unused_conv_pair(c: int) -> nn.Sequential:
 class MultiScaleDecoder(Decoder):
     """``D_MF``: the decoder backbone with AFT fusion of NL-decoder features and conditional-encoder skips.
 
-    Args: backbone arguments as :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
+    Args: backbone ``size`` (:class:`~glare_nat_arch.blocks.VQGANSize`) and ``out_ch`` as
+    :class:`~glare_nat_arch.blocks.Decoder`; ``mix_init`` initial ``w`` per fused
     level, coarse to fine (official -1.0, -0.6); ``per_sample_rescale``: if True the rescale ratio
     mean(h)/mean(u) is taken per sample (over C, H, W; the default: what the official training computed with one
     sample per GPU) instead of over the whole batch tensor (False: the official code on one replica, which couples
@@ -170,21 +125,16 @@ class MultiScaleDecoder(Decoder):
 
     def __init__(
         self,
+        size: VQGANSize = OFFICIAL_SIZE,
         out_ch: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        dropout: float = 0.0,
         mix_init: Sequence[float] = (-1.0, -0.6),
         per_sample_rescale: bool = True,
         deformable_groups: int = 4,
         dcn_impl: str = "auto",
         dcn_im2col_budget_mb: float = 256.0,
     ):
-        super().__init__(out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        super().__init__(size, out_ch)
+        ch, ch_mult = size.ch, size.ch_mult
         n_fused = len(ch_mult) - 1
         if len(mix_init) != n_fused:
             raise ValueError(f"mix_init needs {n_fused} values (one per fused level), got {list(mix_init)}")
@@ -212,27 +162,16 @@ class MultiScaleDecoder(Decoder):
         skips: Sequence[Tensor],
         intermediates: dict | None = None,
         mid_hook: Callable[[Tensor], Tensor] | None = None,
-        release_inputs: bool = False,
     ) -> Tensor:
         """See the class docstring. If ``intermediates`` is a dict it receives, per fused level ``l``,
         ``level{l}_h_pre``, ``level{l}_h_mix``, ``level{l}_u``, ``level{l}_mean_h_mix``, ``level{l}_mean_u``,
         ``level{l}_std_u`` and ``level{l}_h_post``. ``mid_hook(h) -> h`` (optional) transforms the bottleneck
-        feature after ``mid`` (see :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`).
-
-        Memory at inference (autograd off, no ``intermediates``): the mix and the rescale run in place, and with
-        ``release_inputs`` the entries of the ``nl_feats`` / ``skips`` lists (which the caller hands over) are set
-        to None once used, so each is freed as early as possible. An entry may also be a zero-argument callable
-        (a deferred feature: :meth:`~glare_nat_arch.blocks.Encoder.forward`'s ``defer_first_skip``,
-        :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`'s ``defer_finest``), called when the fusion needs it:
-        the skip before the mix, the NL feature after it. Results are unchanged (float rounding)."""
+        feature after ``mid`` (see :meth:`~glare_nat_arch.blocks.Decoder.run_backbone`)."""
         n_fused = len(self.warp)
         if len(nl_feats) != n_fused or len(skips) != n_fused:
             raise ValueError(
                 f"MultiScaleDecoder needs {n_fused} NL features and skips, got {len(nl_feats)}/{len(skips)}"
             )
-        if release_inputs and not (isinstance(nl_feats, list) and isinstance(skips, list)):
-            raise TypeError("MultiScaleDecoder: release_inputs needs nl_feats and skips as lists (handed over)")
-        inplace = intermediates is None
 
         def fuse(i_level: int, h: Tensor) -> Tensor:
             # Official: the fusion runs in float32 under autocast (D_MF and NL features, DCN offsets and mask cast
@@ -242,19 +181,9 @@ class MultiScaleDecoder(Decoder):
 
         def fuse_float32(i_level: int, h: Tensor) -> Tensor:
             j = n_fused - 1 - i_level  # module / NL-feature index (coarse to fine)
-            skip = _at_least_float32(_resolve(skips, i_level, release_inputs))
-            h_mix = self.mix[j](skip, h, inplace=inplace)
-            warp = self.warp[j]
-            n = _at_least_float32(_resolve(nl_feats, j, release_inputs))
-            if self._streams_fusion(h_mix, warp):
-                u = warp.forward_streamed(n, h_mix, self.row_streaming.rows)
-            else:
-                u = warp(n, h_mix)
-            del n, skip
-            ratio = self._ratio(h_mix, u)
-            if inplace and can_write_inplace(u, h_mix, ratio):
-                return u.mul_(ratio).add_(h_mix)  # = h_mix + u * ratio, in u's memory
-            h_post = h_mix + u * ratio
+            h_mix = self.mix[j](_at_least_float32(skips[i_level]), h)
+            u = self.warp[j](_at_least_float32(nl_feats[j]), h_mix)
+            h_post = h_mix + u * self._ratio(h_mix, u)
             if intermediates is not None:
                 p = f"level{i_level}_"
                 intermediates.update(
@@ -271,9 +200,4 @@ class MultiScaleDecoder(Decoder):
             return h_post
 
         h, _ = self.run_backbone(z, level_hook=fuse, collect=False, mid_hook=mid_hook)
-        return self._head(self.norm_out, self.residual_conv, h)
-
-    def _streams_fusion(self, h: Tensor, warp: WarpBlock) -> bool:
-        """Whether the fusion's warp runs streamed: row streaming applies to ``h`` and the DCN may run tap-wise."""
-        cfg = self.row_streaming
-        return cfg is not None and warp.dcn.impl != "im2col" and cfg.applies(h.shape, h, self.training)
+        return self.residual_conv(swish(self.norm_out(h)))

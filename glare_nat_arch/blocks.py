@@ -14,27 +14,17 @@ Every sub-module keeps the attribute names of the official GLARE code (``LowLeve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glare_nat_arch.streaming import (
-    RowStreaming,
-    TensorRows,
-    UpsampleRows,
-    stream_conv,
-    stream_level,
-    stream_norm_act_conv,
-)
-
 __all__ = [
+    "VQGANSize",
+    "OFFICIAL_SIZE",
     "Normalize",
     "swish",
-    "swish_tmp",
-    "can_write_inplace",
     "ResnetBlock",
     "AttnBlock",
     "Downsample",
@@ -53,18 +43,6 @@ def swish(x: Tensor) -> Tensor:
     """``x * sigmoid(x)`` (the official ``nonlinearity``), as the fused ``F.silu`` kernel: one pass over the
     tensor and no intermediate ``sigmoid(x)`` tensor (same values up to float rounding)."""
     return F.silu(x)
-
-
-def can_write_inplace(dst: Tensor, *others: Tensor) -> bool:
-    """Whether ``dst`` (a temporary the caller owns) may take an in-place result: autograd is off (inference, so no
-    saved tensor is overwritten) and every operand has ``dst``'s dtype (so the result dtype is unchanged)."""
-    return not torch.is_grad_enabled() and all(o.dtype == dst.dtype for o in others)
-
-
-def swish_tmp(x: Tensor) -> Tensor:
-    """:func:`swish` of a temporary ``x``, in place when autograd is off: one full-size allocation less per
-    activation at inference (same values)."""
-    return F.silu(x, inplace=can_write_inplace(x))
 
 
 class ResnetBlock(nn.Module):
@@ -87,11 +65,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.norm2(self.conv1(swish_tmp(self.norm1(x))))  # conv1's output is freed once normalised
-        h = self.conv2(self.dropout(swish_tmp(h)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return h.add_(x) if can_write_inplace(h, x) else x + h  # at inference: no third full-size tensor
+        return x + h
 
 
 def _conv1x1_tokens(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
@@ -160,38 +138,13 @@ class _Level(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
 
-    def out_channels(self) -> int:
-        return self.block[-1].out_channels
-
-    def steps(self) -> list[nn.Module]:
-        """The level's modules in call order (block 0, attn 0, block 1, ...). Callers run them in their own frame,
-        ``for step in level.steps(): h = step(h)``, so the level's input is freed after the first step (a helper
-        method taking ``h`` would keep it alive for the whole level: a full-resolution map at inference)."""
-        if len(self.attn) == 0:
-            return list(self.block)
-        return [m for pair in zip(self.block, self.attn, strict=True) for m in pair]
-
-
-class _Streamable(nn.Module):
-    """Row streaming of large levels at inference (:mod:`glare_nat_arch.streaming`); ``row_streaming`` None = off.
-    Set it with :func:`~glare_nat_arch.streaming.set_row_streaming`; it changes memory, not results."""
-
-    row_streaming: RowStreaming | None = None
-
-    def _streams(self, level: _Level, in_shape: Sequence[int], ref: Tensor) -> bool:
-        """Whether ``level`` (input of ``in_shape``) runs streamed now: configured, no attention, large enough."""
-        cfg = self.row_streaming
-        if cfg is None or len(level.attn) > 0:
-            return False
-        b, c, h, w = in_shape
-        return cfg.applies((b, max(c, level.out_channels()), h, w), ref, self.training)
-
-    def _head(self, norm: nn.GroupNorm, conv: nn.Conv2d, h: Tensor) -> Tensor:
-        """``conv(swish(norm(h)))``, streamed when ``h`` is large at inference."""
-        cfg = self.row_streaming
-        if cfg is not None and cfg.applies(h.shape, h, self.training):
-            return stream_norm_act_conv(norm, conv, h, cfg.rows)
-        return conv(swish_tmp(norm(h)))
+    def forward(self, h: Tensor) -> Tensor:
+        """The level's blocks in call order (block 0, attn 0, block 1, ...): (B, C_in, H, W) -> (B, C_out, H, W)."""
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        return h
 
 
 class _Mid(nn.Module):
@@ -207,48 +160,65 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-class Encoder(_Streamable):
+@dataclass(frozen=True)
+class VQGANSize:
+    """The size of a VQGAN-style encoder / decoder, shared by GLARE's ``E_NL``, ``D_NL``, ``E_c`` and ``D_MF``
+    (official defaults). The registered networks take these as flat option keys and build one ``VQGANSize``.
+
+    Attributes:
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multipliers; ``len(ch_mult) - 1`` stride-2 down- / upsamples, ``f = 2 ** (len(ch_mult) - 1)``.
+        num_res_blocks: ResnetBlocks per encoder level (the decoder has one more per level).
+        attn_resolutions: nominal resolutions (``resolution / 2**level``) whose blocks get an AttnBlock each.
+        resolution: nominal input size (bookkeeping for ``attn_resolutions`` only; any input size works).
+        z_channels: bottleneck channels.
+        dropout: dropout inside the ResnetBlocks.
+
+    Shapes: image (B, C, H, W) with H, W multiples of ``f`` <-> latent (B, z_channels, H / f, W / f); level ``i``
+    features (B, ch * ch_mult[i], H / 2**i, W / 2**i).
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (64,)
+    resolution: int = 256
+    z_channels: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:  # YAML gives lists: store tuples (hashable, immutable)
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+
+    @property
+    def downscale(self) -> int:
+        """``f = 2 ** (len(ch_mult) - 1)``: image side / latent side."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+#: the official GLARE VQGAN size (the default of every network here)
+OFFICIAL_SIZE = VQGANSize()
+
+
+class Encoder(nn.Module):
     """taming-transformers encoder (GLARE's ``E_NL`` and the body of ``E_c``).
 
     Args:
+        size: :class:`VQGANSize` (widths, levels, attention, bottleneck ``z_channels``, dropout).
         in_channels: image channels.
-        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
-        ch_mult: width multipliers; ``len(ch_mult) - 1`` stride-2 downsamples.
-        num_res_blocks: ResnetBlocks per level.
-        attn_resolutions: nominal resolutions (``resolution / 2**level``) whose blocks get an AttnBlock each.
-        resolution: nominal input size (bookkeeping for ``attn_resolutions`` only; any input size works).
-        z_channels: bottleneck channels (``2 * z_channels`` if ``double_z``).
-        dropout: dropout inside the ResnetBlocks.
+        double_z: bottleneck of ``2 * z_channels`` channels.
 
-    Input (B, in_channels, H, W) with H, W multiples of ``2 ** (len(ch_mult) - 1)``.
+    Input (B, in_channels, H, W) with H, W multiples of ``f = size.downscale``.
     Output (B, z_channels, H / f, W / f), and with ``return_skips=True`` also the pre-downsample features
     ``[level0 (B, ch*ch_mult[0], H, W), level1 (B, ch*ch_mult[1], H/2, W/2), ...]`` (one per downsample).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        double_z: bool = False,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, in_channels: int = 3, double_z: bool = False):
         super().__init__()
+        self.size = size
+        ch, ch_mult, num_res_blocks, dropout = size.ch, size.ch_mult, size.num_res_blocks, size.dropout
+        attn_resolutions, resolution, z_channels = size.attn_resolutions, size.resolution, size.z_channels
         self.num_resolutions = len(ch_mult)
-        #: the size arguments shared with a matching Decoder (used to build GLARE's D_MF like E_c)
-        self.arch_kwargs = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         in_ch_mult = (1, *ch_mult)
         curr_res = resolution
@@ -271,72 +241,37 @@ class Encoder(_Streamable):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
-    def _run_level(self, level: _Level, box: list[Tensor]) -> Tensor:
-        """One level's blocks on the tensor in ``box`` (a conv_in / downsample output; the caller hands it over in a
-        one-element list and keeps no reference, so it is freed after the level's first block), streamed when
-        large."""
-        h = box.pop()
-        if self._streams(level, h.shape, h):
-            return stream_level(level.block, TensorRows(h, owned=True), self.row_streaming.rows)
-        for step in level.steps():
-            h = step(h)
-        return h
-
-    def _conv_in(self, x: Tensor) -> Tensor:
-        cfg = self.row_streaming
-        b, _, h, w = x.shape
-        if cfg is not None and cfg.applies((b, self.conv_in.out_channels, h, w), x, self.training):
-            return stream_conv(self.conv_in, x, cfg.rows)
-        return self.conv_in(x)
-
-    def first_level(self, x: Tensor) -> Tensor:
-        """``conv_in`` and the first level's blocks: the finest skip ``s0`` (B, ch*ch_mult[0], H, W)."""
-        return self._run_level(self.down[0], [self._conv_in(x)])
-
-    def forward(
-        self, x: Tensor, return_skips: bool = False, defer_first_skip: bool = False
-    ) -> Tensor | tuple[Tensor, list[Tensor | Callable[[], Tensor]]]:
-        """See the class docstring. ``defer_first_skip`` (inference, with ``return_skips``): ``skips[0]`` is
-        ``partial(first_level, x)`` instead of the map, so the largest skip is recomputed when it is needed instead
-        of being kept through the whole network (row-streamed inference, :class:`~glare_nat_arch.glare_arch.
-        GLARENet`)."""
-        box = [self._conv_in(x)]
-        skips: list[Tensor | Callable[[], Tensor]] = []
+    def forward(self, x: Tensor, return_skips: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """See the class docstring."""
+        h = self.conv_in(x)
+        skips: list[Tensor] = []
         for i_level, level in enumerate(self.down):
-            h = self._run_level(level, box)
+            h = level(h)
             if i_level != self.num_resolutions - 1:
-                skips.append(partial(self.first_level, x) if defer_first_skip and i_level == 0 else h)
-                box = [level.downsample(h)]
-                del h
-        h = self.conv_out(swish_tmp(self.norm_out(self.mid(h))))
+                skips.append(h)
+                h = level.downsample(h)
+        h = self.conv_out(swish(self.norm_out(self.mid(h))))
         return (h, skips) if return_skips else h
 
 
 LevelHook = Callable[[int, Tensor], Tensor]
 
 
-class Decoder(_Streamable):
+class Decoder(nn.Module):
     """taming-transformers decoder (GLARE's ``D_NL``; also the backbone of the multi-feature decoder ``D_MF``).
 
-    Args mirror :class:`Encoder` (``out_ch`` is the RGB head width).
+    Args: ``size`` (:class:`VQGANSize`) and ``out_ch`` (the RGB head width).
 
     ``forward(z)`` with z (B, z_channels, h, w) returns ``(rgb (B, out_ch, h*f, w*f) or None, feats)``. ``feats``
     holds the features after the res-blocks of every level below the bottleneck, before its upsample, coarse to
     fine: for three levels ``[n1 (B, ch*ch_mult[1], H/2, W/2), n0 (B, ch*ch_mult[0], H, W)]``.
     """
 
-    def __init__(
-        self,
-        out_ch: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, out_ch: int = 3):
         super().__init__()
+        self.size = size
+        ch, ch_mult, num_res_blocks, dropout = size.ch, size.ch_mult, size.num_res_blocks, size.dropout
+        attn_resolutions, resolution, z_channels = size.attn_resolutions, size.resolution, size.z_channels
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
@@ -360,59 +295,28 @@ class Decoder(_Streamable):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
-    def level_forward(self, h: Tensor, i_level: int) -> Tensor:
-        """Level ``i_level``'s blocks, after the upsample of the coarser level's output ``h`` unless ``i_level`` is
-        the bottleneck level (whose input is ``mid``'s output). Large levels at inference run streamed, their
-        upsample computed strip by strip (never whole)."""
-        return self._level_forward([h], i_level)
-
-    def _level_forward(self, box: list[Tensor], i_level: int) -> Tensor:
-        """:meth:`level_forward` of the tensor in ``box``, handed over (see :meth:`Encoder._run_level`)."""
-        h = box.pop()
-        level = self.up[i_level]
-        rows = self.row_streaming.rows if self.row_streaming is not None else 0
-        if i_level != self.num_resolutions - 1:
-            b, c, hh, ww = h.shape
-            if self._streams(level, (b, c, 2 * hh, 2 * ww), h):
-                return stream_level(level.block, UpsampleRows(self.up[i_level + 1].upsample, h), rows)
-            h = self.up[i_level + 1].upsample(h)
-        if self._streams(level, h.shape, h):
-            return stream_level(level.block, TensorRows(h), rows)  # h may be a hook's: not overwritten
-        for step in level.steps():
-            h = step(h)
-        return h
-
     def run_backbone(
         self,
         z: Tensor,
         level_hook: LevelHook | None = None,
         collect: bool = True,
         mid_hook: Callable[[Tensor], Tensor] | None = None,
-        defer_finest: bool = False,
-    ) -> tuple[Tensor | None, list[Tensor | Callable[[], Tensor]]]:
+    ) -> tuple[Tensor, list[Tensor]]:
         """conv_in -> mid -> up levels. Returns the last-level feature (B, ch*ch_mult[0], H, W) and ``feats``.
 
         ``level_hook(i_level, h) -> h`` (optional) runs after the blocks of every level below the bottleneck,
         before its upsample; ``feats`` collects ``h`` before the hook (empty when ``collect`` is False).
         ``mid_hook(h) -> h`` (optional) runs on the bottleneck feature (B, ch*ch_mult[-1], h, w) right after
         ``mid`` (the decoder NAT's insertion point, docs/nat.md "Decoder NAT (NAT-III)").
-        ``defer_finest`` (inference, no ``level_hook``): the finest level is not run; the first return value is
-        None and ``feats[-1]`` is ``partial(level_forward, h, 0)``, which computes it when called (row-streamed
-        inference: the finest map is not held while other networks run).
         """
-        if defer_finest and (level_hook is not None or not collect):
-            raise ValueError("Decoder.run_backbone: defer_finest needs collect=True and no level_hook")
         h = self.mid(self.conv_in(z))
         if mid_hook is not None:
             h = mid_hook(h)
-        feats: list[Tensor | Callable[[], Tensor]] = []
+        feats: list[Tensor] = []
         for i_level in reversed(range(self.num_resolutions)):
-            if defer_finest and i_level == 0:
-                feats.append(partial(self.level_forward, h, 0))
-                return None, feats
-            box = [h]
-            del h  # the level's input is freed inside it (after its first block, or the upsample)
-            h = self._level_forward(box, i_level)
+            if i_level != self.num_resolutions - 1:
+                h = self.up[i_level + 1].upsample(h)
+            h = self.up[i_level](h)
             if i_level != self.num_resolutions - 1:
                 if collect:
                     feats.append(h)
@@ -420,11 +324,8 @@ class Decoder(_Streamable):
                     h = level_hook(i_level, h)
         return h, feats
 
-    def forward(
-        self, z: Tensor, return_rgb: bool = True, defer_finest: bool = False
-    ) -> tuple[Tensor | None, list[Tensor | Callable[[], Tensor]]]:
-        if defer_finest and return_rgb:
-            raise ValueError("Decoder: defer_finest computes no RGB (return_rgb=False)")
-        h, feats = self.run_backbone(z, defer_finest=defer_finest)
-        rgb = self._head(self.norm_out, self.conv_out, h) if return_rgb else None
+    def forward(self, z: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+        """See the class docstring."""
+        h, feats = self.run_backbone(z)
+        rgb = self.conv_out(swish(self.norm_out(h))) if return_rgb else None
         return rgb, feats

@@ -53,7 +53,6 @@ def modulated_deform_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
-    row_start: int | None = None,
 ) -> Tensor:
     """Modulated deformable conv, one kernel tap at a time (see the module docstring).
 
@@ -63,11 +62,8 @@ def modulated_deform_conv2d(
         mask: ``B x G*kh*kw x H_out x W_out`` modulation (already sigmoid-ed).
         weight: ``C_out x C_in x kh x kw`` (convolution groups = 1); bias: ``C_out`` or None.
 
-        row_start: if given, the offsets and masks cover output rows ``[row_start, row_start + R)`` only (``R`` =
-            their height) and the result is those rows (row-streamed inference, :mod:`glare_nat_arch.streaming`).
-
     Returns:
-        ``B x C_out x R x W_out``; ``R = H_out = (H + 2 p_h - d_h (kh - 1) - 1) // s_h + 1`` (same for W) by default.
+        ``B x C_out x H_out x W_out``; ``H_out = (H + 2 p_h - d_h (kh - 1) - 1) // s_h + 1`` (same for W).
     """
     b, c, h, w = x.shape
     c_out, c_in, kh, kw = weight.shape
@@ -83,18 +79,11 @@ def modulated_deform_conv2d(
     if c % groups:
         raise ValueError(f"modulated_deform_conv2d: {c} input channels not divisible by {groups} deformable groups")
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    full_ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    ho = full_ho if row_start is None else offset.shape[-2]  # output rows computed here
-    row_start = row_start or 0
-    if (
-        tuple(offset.shape[-2:]) != (ho, wo)
-        or tuple(mask.shape[-2:]) != (ho, wo)
-        or offset.shape[0] != b
-        or not 0 <= row_start <= row_start + ho <= full_ho
-    ):
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if tuple(offset.shape[-2:]) != (ho, wo) or tuple(mask.shape[-2:]) != (ho, wo) or offset.shape[0] != b:
         raise ValueError(
             f"modulated_deform_conv2d: offset {tuple(offset.shape)} / mask {tuple(mask.shape)} must be "
-            f"B={b} x . x {ho} x {wo} (rows from {row_start} of {full_ho}) for input {tuple(x.shape)}"
+            f"B={b} x . x {ho} x {wo} for input {tuple(x.shape)}"
         )
     # Sampling runs in float32 (float64 for float64 input): reduced-precision pixel coordinates would be off by up
     # to half a pixel at 1080p. The 1x1 convolutions run in the weight's dtype (or autocast's).
@@ -102,7 +91,7 @@ def modulated_deform_conv2d(
     offset = offset.to(dtype).reshape(b, groups, taps, 2, ho, wo)
     mask = mask.to(dtype).reshape(b * groups, taps, 1, ho, wo)
     x_groups = x.reshape(b * groups, c // groups, h, w).to(dtype)
-    base_y = (torch.arange(row_start, row_start + ho, device=x.device, dtype=dtype) * sh - ph)[:, None]  # R x 1
+    base_y = (torch.arange(ho, device=x.device, dtype=dtype) * sh - ph)[:, None]  # R x 1
     base_x = torch.arange(wo, device=x.device, dtype=dtype) * sw - pw  # W_out
     grad = torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or mask.requires_grad)
     device_type = x.device.type
@@ -169,21 +158,15 @@ class LeanDCNv2Pack(DCNv2Pack):
             return super().forward(x, feat)
         return self.deform(x, self.conv_offset(feat))
 
-    @staticmethod
-    def warn_offsets(offset_absmean: Tensor | float) -> None:
-        """DCNv2Pack's warning when the mean offset magnitude exceeds 50 (training diverging), kept."""
-        if offset_absmean > _OFFSET_WARN:
-            get_root_logger().warning(f"Offset abs mean is {offset_absmean}, larger than {_OFFSET_WARN:g}.")
-
-    def deform(self, x: Tensor, out: Tensor, row_start: int | None = None) -> Tensor:
+    def deform(self, x: Tensor, out: Tensor) -> Tensor:
         """The tap-wise DCN of ``x`` given ``out = conv_offset(feat)`` (``B x 3*G*kh*kw x H_out x W_out``: the two
-        offset halves then the mask logits, BasicSR's layout). Callers that compute ``out`` themselves let
-        ``feat`` be freed before the sampling. ``row_start`` (row streaming): ``out`` covers output rows from
-        ``row_start`` only, and the caller checks the offsets over the whole map (:meth:`warn_offsets`)."""
+        offset halves then the mask logits, BasicSR's layout), with DCNv2Pack's warning when the mean offset
+        magnitude exceeds 50 (training diverging)."""
         n_off = out.shape[1] * 2 // 3
         offset, mask = out[:, :n_off], torch.sigmoid(out[:, n_off:])  # offset = cat(o1, o2) of DCNv2Pack, no copy
-        if row_start is None:
-            self.warn_offsets(offset.abs().mean())
+        offset_absmean = offset.abs().mean()
+        if offset_absmean > _OFFSET_WARN:
+            get_root_logger().warning(f"Offset abs mean is {offset_absmean}, larger than {_OFFSET_WARN:g}.")
         return modulated_deform_conv2d(
-            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation, row_start
+            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation
         )

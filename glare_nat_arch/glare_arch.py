@@ -9,7 +9,8 @@ Attribute names equal the official ones so the official weights load 1:1 with ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +18,11 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.aft import MultiScaleDecoder
-from glare_nat_arch.blocks import Encoder
+from glare_nat_arch.blocks import OFFICIAL_SIZE, Encoder, VQGANSize
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
-from glare_nat_arch.streaming import RowStreaming, set_row_streaming
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 
 __all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
-
-LatentRefiner = Callable[[Tensor, dict], Tensor]
 
 
 def log_transform(x: Tensor) -> Tensor:
@@ -32,51 +30,57 @@ def log_transform(x: Tensor) -> Tensor:
     return torch.log(torch.clamp(x + 1e-3, min=1e-3))
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple``; returns the padded tensor and (H, W).
+def pad_to_multiple(
+    x: Tensor, multiple: int, mode: str = "reflect", border: tuple[int, int] = (0, 0)
+) -> tuple[Tensor, tuple[int, int]]:
+    """The one padding of an image before a network: (B, C, H, W) -> (B, C, H', W') with H', W' multiples of
+    ``multiple``, in one ``F.pad``.
 
-    Reflect padding, or replicate padding when a side is too short to reflect. (The official test scripts
-    instead always reflect-pad 20 px at the bottom and left and crop ``[:H, 20:]``; 400x600 LOL images are
-    already multiples of 4, so that padding only adds border context.)
+    Args:
+        x: ``(B, C, H, W)`` tensor.
+        multiple: required divisor of the padded H and W (``1`` = only the border).
+        mode: ``F.pad`` mode; ``'reflect'`` falls back to ``'replicate'`` when a side is too short to reflect
+            (reflection needs pad < size).
+        border: ``(bottom, left)`` pixels added first (the official test scripts reflect-pad 20 px at the bottom and
+            left, ``val.extra_pad``); the rest of the padding goes to the bottom and right.
+
+    Returns:
+        ``(x_pad, (H, W))``: the original image is ``x_pad[..., :H, left : left + W]``.
     """
+    if x.dim() != 4:
+        raise ValueError(f"pad_to_multiple expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
+    bottom, left = (int(v) for v in border)
+    bottom += (-(h + bottom)) % multiple
+    right = (-(w + left)) % multiple
+    if bottom == 0 and left == 0 and right == 0:
         return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+    if mode == "reflect" and (bottom >= h or max(left, right) >= w):
+        mode = "replicate"
+    return F.pad(x, (left, right, 0, bottom), mode=mode), (h, w)
 
 
 class ConditionEncoder(nn.Module):
     """``E_c`` (official ``ConEncoder1``): a VQGAN-encoder copy plus two heads on its bottleneck ``e``.
 
+    Args: ``size`` (:class:`~glare_nat_arch.blocks.VQGANSize`), ``in_channels``, ``cond_channels``.
     ``encoder``: :class:`~glare_nat_arch.blocks.Encoder`; ``cond_conv``: Sequential(Conv3x3 z->cond_channels,
     Sigmoid); ``color_conv``: Conv3x3 z->z. Input: the *log-transformed* low-light image (B, 3, H, W).
     Output dict: ``bottleneck`` e (B, z, h, w), ``cond`` (B, cond_channels, h, w), ``color_map`` (prior mean mu,
     B, z, h, w) and ``skips`` ``[s0 (B, ch*ch_mult[0], H, W), s1 (B, ch*ch_mult[1], H/2, W/2)]``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
-        cond_channels: int = 64,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, size: VQGANSize = OFFICIAL_SIZE, in_channels: int = 3, cond_channels: int = 64):
         super().__init__()
-        self.encoder = Encoder(
-            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, False, dropout
-        )
+        self.encoder = Encoder(size, in_channels=in_channels)
+        z_channels = size.z_channels
         self.color_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.cond_conv = nn.Sequential(nn.Conv2d(z_channels, cond_channels, 3, 1, 1), nn.Sigmoid())
 
-    def forward(self, x_log: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
-        e, skips = self.encoder(x_log, return_skips=True, defer_first_skip=defer_first_skip)
+    def forward(self, x_log: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        e, skips = self.encoder(x_log, return_skips=True)
         return {"bottleneck": e, "cond": self.cond_conv(e), "color_map": self.color_conv(e), "skips": skips}
 
 
@@ -85,12 +89,10 @@ class GLAREFlowNet(nn.Module):
     """GLARE Stage II: conditional encoder ``RRDB`` and latent flow ``flowUpsamplerNet`` (official ``LLFlowVQGAN2``).
 
     Args (official defaults): ``in_channels``; encoder ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
-    ``resolution``, ``z_channels``, ``dropout`` (as the VQGAN encoder); ``cond_channels`` width of the flow
+    ``resolution``, ``z_channels``, ``dropout`` (flat option keys of :class:`~glare_nat_arch.blocks.VQGANSize`, as
+    the VQGAN encoder; kept as :attr:`size`); ``cond_channels`` width of the flow
     condition; flow ``flow_hidden_channels``, ``flow_L``, ``flow_K``, ``flow_n_extra_steps`` and the shape of the
-    unused official conv ``flow_unused_f_in -> flow_unused_f_out``; ``row_stream_mb`` / ``row_stream_rows``: at
-    inference on CPU, levels whose maps exceed ``row_stream_mb`` MiB run ``row_stream_rows`` rows at a time
-    (:mod:`glare_nat_arch.streaming`: the same results up to float rounding, see there; a fraction of the memory;
-    None switches it off).
+    unused official conv ``flow_unused_f_in -> flow_unused_f_out``.
 
     Inputs: ``lq`` low-light images in [0, 1], (B, 3, H, W) with H, W multiples of ``downscale`` (4 officially).
     Latents are (B, z_channels, H/4, W/4).
@@ -113,14 +115,12 @@ class GLAREFlowNet(nn.Module):
         flow_n_extra_steps: int = 2,
         flow_unused_f_in: int = 320,
         flow_unused_f_out: int = 384,
-        row_stream_mb: float | None = 64.0,
-        row_stream_rows: int = 16,
     ):
         super().__init__()
-        self.downscale = 2 ** (len(ch_mult) - 1)
-        self.RRDB = ConditionEncoder(
-            in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, cond_channels, dropout
-        )
+        #: the VQGAN size of ``E_c`` (and of ``D_MF`` in Stage III), built once from the flat option keys
+        self.size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        self.downscale = self.size.downscale
+        self.RRDB = ConditionEncoder(self.size, in_channels=in_channels, cond_channels=cond_channels)
         self.flowUpsamplerNet = LatentFlow(
             in_channels=z_channels,
             cond_channels=cond_channels,
@@ -131,8 +131,6 @@ class GLAREFlowNet(nn.Module):
             unused_f_in=flow_unused_f_in,
             unused_f_out=flow_unused_f_out,
         )
-        self._row_streaming = None if row_stream_mb is None else RowStreaming(row_stream_mb, row_stream_rows)
-        set_row_streaming(self, self._row_streaming)
 
     def _check_lq(self, lq: Tensor) -> None:
         if lq.dim() != 4:
@@ -141,24 +139,13 @@ class GLAREFlowNet(nn.Module):
         if h % self.downscale or w % self.downscale:
             raise ValueError(
                 f"{type(self).__name__}: H, W = {h}, {w} must be multiples of {self.downscale} "
-                "(pad first, e.g. with pad_to_multiple; GLARENet pads by itself)"
+                "(pad first with glare_nat_arch.glare_arch.pad_to_multiple; the models' test() does)"
             )
 
-    def condition(self, lq: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
-        """``E_c(log_transform(lq))`` for lq in [0, 1]; see :class:`ConditionEncoder` for the dict (and
-        :meth:`~glare_nat_arch.blocks.Encoder.forward` for ``defer_first_skip``)."""
+    def condition(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
+        """``E_c(log_transform(lq))`` for lq (B, 3, H, W) in [0, 1]; see :class:`ConditionEncoder` for the dict."""
         self._check_lq(lq)
-        return self.RRDB(log_transform(lq), defer_first_skip=defer_first_skip)
-
-    def defers_finest(self, x: Tensor) -> bool:
-        """Whether inference on ``x`` (B, 3, H, W) runs the lean schedule: row streaming applies to the finest
-        level, so its maps (the skip ``s0``, the NL feature ``n0``) are computed when the fusion needs them instead
-        of being held through the whole network (:class:`GLARENet`)."""
-        cfg = self.RRDB.encoder.row_streaming  # the one setting (set_row_streaming), not a copy of it
-        if cfg is None:
-            return False
-        b, _, h, w = x.shape
-        return cfg.applies((b, self.RRDB.encoder.conv_in.out_channels, h, w), x, self.training)
+        return self.RRDB(log_transform(lq))
 
     def forward(
         self, gt_latent: Tensor, lq: Tensor, mu_from_gt: bool | Tensor = False
@@ -181,14 +168,56 @@ class GLAREFlowNet(nn.Module):
             mu = gt_latent if mu_from_gt else c["color_map"]
         return {**c, "z": z, "logdet": logdet, "mu": mu, "logp": gaussian_logp(z, mu), "nll": flow_nll(z, logdet, mu)}
 
-    def reverse(self, lq: Tensor, defer_first_skip: bool = False) -> dict[str, Tensor | list[Tensor]]:
+    def reverse(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """Inference direction: ``z_hat = f^-1(color_map; cond)`` with z = mu exactly (no noise, as official).
 
         Returns ``z_hat`` (B, z, h, w), ``logdet`` (B,, reverse log-determinant from 0) and the condition dict.
         """
-        c = self.condition(lq, defer_first_skip=defer_first_skip)
+        c = self.condition(lq)
         z_hat, logdet = self.flowUpsamplerNet(c["color_map"], c["cond"], reverse=True)
         return {**c, "z_hat": z_hat, "logdet": logdet}
+
+    # ------------------------------------------------------------------------------------ the image path
+    def refine_latent(self, rev: Mapping[str, Any], codebook: Tensor) -> dict[str, Any]:
+        """Latent hook: the decoder inputs from a reverse-flow result ``rev`` (:meth:`reverse`) and the VQGAN
+        ``codebook`` (K, d). Returns ``z_nl`` (NL-decoder input, B x d x h x w), ``quant_nl`` (its quantisation, or
+        None: then the VQGAN quantises ``z_nl``) and ``z_mf`` (the ``D_MF`` input; Stage III only).
+
+        Here the official path: ``z_hat`` for both decoders. The NAT networks override it
+        (:meth:`~glare_nat_arch.glare_nat_arch.GLARENATNet.refine_latent`) and may add entries.
+        """
+        z_hat = rev["z_hat"]
+        return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat}
+
+    @staticmethod
+    def decode_nl(
+        vqgan: GLAREVQGAN, lat: Mapping[str, Any], return_rgb: bool
+    ) -> tuple[Tensor | None, list[Tensor], Tensor, Tensor | None]:
+        """The frozen normal-light decoder on :meth:`refine_latent`'s output.
+
+        Returns ``(rgb (B, 3, H, W) or None, [n1, n0], quant (B, d, h, w), indices (B, h, w) or None)``; ``indices``
+        is None when ``lat`` brings its own quantisation ``quant_nl``.
+        """
+        quant, indices = lat.get("quant_nl"), None
+        if quant is None:
+            quant, _, indices = vqgan.quantize_latent(lat["z_nl"])
+        rgb, feats = vqgan.decode_quant(quant, return_rgb=return_rgb)
+        return rgb, feats, quant, indices
+
+    def enhance(self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False) -> Tensor | dict[str, Any]:
+        """Stage-II enhancement: ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
+        :func:`pad_to_multiple`) -> raw RGB (B, 3, H, W) of the frozen VQGAN decoder.
+
+        Path: log -> ``E_c`` -> reverse flow -> :meth:`refine_latent` -> quantise -> ``D_NL``. With
+        ``return_intermediates`` a dict: ``output``, ``z_hat``, ``cond``, ``color_map`` and the
+        :meth:`refine_latent` entries.
+        """
+        rev = {k: v for k, v in self.reverse(lq).items() if k in ("z_hat", "cond", "color_map")}  # skips freed
+        lat = self.refine_latent(rev, vqgan.quantize.embedding.weight)
+        out, _, _, _ = self.decode_nl(vqgan, lat, return_rgb=True)
+        if not return_intermediates:
+            return out
+        return {"output": out, **rev, **lat}
 
 
 @ARCH_REGISTRY.register()
@@ -219,57 +248,51 @@ class GLARENet(GLAREFlowNet):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        enc = self.RRDB.encoder
         self.deformable_decoder = MultiScaleDecoder(
+            self.size,
             out_ch=out_ch,
             mix_init=mix_init,
             per_sample_rescale=per_sample_rescale,
             dcn_impl=dcn_impl,
             dcn_im2col_budget_mb=dcn_im2col_budget_mb,
-            **enc.arch_kwargs,
         )
-        set_row_streaming(self, self._row_streaming)  # D_MF too
+
+    def decoder_mid_hook(self, rev: Mapping[str, Any], lat: Mapping[str, Any], record: dict | None, **options):
+        """``D_MF`` hook: a ``h -> h`` transform of the bottleneck feature after ``mid`` (B, C, h, w), or None (the
+        official path). ``record``, when a dict, receives tensors for ``return_intermediates``. The NAT-III network
+        overrides it (:meth:`~glare_nat_arch.glare_nat_arch.GLARENATNet.decoder_mid_hook`) and takes ``options``."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.forward got unexpected options {sorted(options)}")
+        return None
 
     def forward(
-        self,
-        lq: Tensor,
-        vqgan: GLAREVQGAN,
-        latent_refiner: LatentRefiner | None = None,
-        return_intermediates: bool = False,
+        self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False, **options
     ) -> Tensor | dict[str, Tensor]:
-        """Enhance ``lq`` (B, 3, H, W) in [0, 1]; any H, W (reflect-padded to a multiple of 4, cropped back).
+        """Enhance ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
+        :func:`pad_to_multiple`; the models' ``test()`` does).
 
-        Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> optional ``latent_refiner(z_hat, cond_dict)`` ->
-        frozen ``vqgan.decode`` (quantise, ``D_NL`` features ``[n1, n0]``; its RGB is not computed) ->
-        ``D_MF(z, [n1, n0], [s0, s1])``. ``latent_refiner=None`` is the official path; the refiner's output feeds
-        both decoders. At inference on large CPU inputs (row streaming, :mod:`glare_nat_arch.streaming`) the finest
-        skip ``s0`` and NL feature ``n0`` are not kept from their networks' runs: ``D_MF`` recomputes ``s0`` (the
-        encoder's first level) and computes ``n0`` (``D_NL``'s last level) when its last fusion needs them, so no
-        full-resolution map waits through the other networks (:meth:`defers_finest`; the same operations, so the same
-        results as the streamed levels give).
-        Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with
-        ``output`` plus (at the padded size) ``z_hat``, ``z_dec``, ``z_hat_quant``, ``z_hat_indices``, ``dnl_rgb``,
-        ``n1``, ``n0``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1`` and the per-level fusion tensors.
+        Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> latent hook :meth:`refine_latent` -> frozen VQGAN
+        quantise + ``D_NL`` features ``[n1, n0]`` (its RGB only with ``return_intermediates``) ->
+        ``D_MF(z_mf, [n1, n0], [s0, s1])`` with :meth:`decoder_mid_hook` after its ``mid`` block. The hooks of this
+        class are the official path; ``options`` go to :meth:`decoder_mid_hook`.
+
+        Returns the raw output (B, 3, H, W) (no clamp), or with ``return_intermediates`` a dict with ``output`` plus
+        ``z_hat``, ``cond``, ``color_map``, ``bottleneck``, ``s0``, ``s1``, the
+        :meth:`refine_latent` entries, ``z_dec`` (= ``z_nl``), ``z_hat_quant`` / ``z_hat_indices`` (the
+        quantisation fed to ``D_NL``; indices None when the latent hook brings it), ``dnl_rgb``, ``n1``, ``n0``,
+        the per-level fusion tensors and what :meth:`decoder_mid_hook` records.
         """
-        if lq.dim() != 4:
-            raise ValueError(f"GLARENet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
-        x, (h, w) = pad_to_multiple(lq, self.downscale)
-        lean = not return_intermediates and self.defers_finest(x)  # s0, n0 computed when the fusion needs them
-        rev = self.reverse(x, defer_first_skip=lean)
-        z_dec = rev["z_hat"] if latent_refiner is None else latent_refiner(rev["z_hat"], rev)
-        if return_intermediates:
-            quant, _, indices = vqgan.quantize_latent(z_dec)
-            dnl_rgb, nl_feats = vqgan.decode_quant(quant, return_rgb=True)
-        else:
-            _, _, nl_feats = vqgan.decode(z_dec, return_rgb=False, defer_finest=lean)
+        rev = self.reverse(lq)
+        lat = self.refine_latent(rev, vqgan.quantize.embedding.weight)
+        dnl_rgb, nl_feats, quant, indices = self.decode_nl(vqgan, lat, return_rgb=return_intermediates)
+        record: dict | None = {} if return_intermediates else None
+        mid_hook = self.decoder_mid_hook(rev, lat, record, **options)
         inter: dict | None = {} if return_intermediates else None
-        release = not return_intermediates  # hand the feature lists over: each map is freed once fused
-        out = self.deformable_decoder(z_dec, nl_feats, rev["skips"], intermediates=inter, release_inputs=release)
-        out = out[..., :h, :w]
+        out = self.deformable_decoder(lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=mid_hook)
         if not return_intermediates:
             return out
-        s0, s1 = rev["skips"][0], rev["skips"][1]
         extra = {k: rev[k] for k in ("z_hat", "cond", "color_map", "bottleneck")}
-        n1, n0 = nl_feats[0], nl_feats[-1]
-        base = {"output": out, "z_dec": z_dec, "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
-        return {**base, **extra, "n1": n1, "n0": n0, "s0": s0, "s1": s1, **inter}
+        nl = {"z_dec": lat["z_nl"], "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
+        skips = {"s0": rev["skips"][0], "s1": rev["skips"][1], "n1": nl_feats[0], "n0": nl_feats[-1]}
+        return {"output": out, **extra, **lat, **nl, **skips, **inter, **record}
+

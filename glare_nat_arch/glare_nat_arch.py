@@ -7,6 +7,11 @@
   + ``nat3`` (:class:`~glare_nat_arch.nat_arch.DecoderNAT`) on ``D_MF``'s bottleneck (H/4) features right after its
   ``mid`` block.
 
+Both plug into the one GLARE path through its hooks: the latent hook ``refine_latent`` (reverse-flow result ->
+NL-decoder input, its quantisation and the ``D_MF`` input) and ``decoder_mid_hook`` (``D_MF``'s ``mid_hook``);
+the forward passes are :meth:`GLAREFlowNet.enhance <glare_nat_arch.glare_arch.GLAREFlowNet.enhance>` and
+:meth:`GLARENet.forward <glare_nat_arch.glare_arch.GLARENet.forward>`.
+
 State-dict names: the GLARE part keeps the official names (``RRDB.*``, ``flowUpsamplerNet.*``,
 ``deformable_decoder.*``, see :data:`GLARE_PREFIXES`); the refiners live under ``nat2.*`` and ``nat3.*``
 (:data:`NAT_PREFIXES`). With both refiners disabled the state dict equals ``GLARENet``'s, so the official
@@ -27,7 +32,7 @@ both equal ``x_hat`` and the output is bit-identical to GLARE's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,7 +40,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.decoder_nat_arch import DecoderNAT
-from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, pad_to_multiple
+from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet
 from glare_nat_arch.nat_arch import LatentNAT
 from glare_nat_arch.nat_options import NAT2Options, NAT3Options, parse_network_options
 from glare_nat_arch.nat_uncertainty import (
@@ -110,7 +115,8 @@ class _LatentNATMixin:
         return histogram_entropy(torch.stack(codes)).to(rev["z_hat"].device)
 
     def refine_latent(self, rev: Mapping[str, Any], codebook: Tensor) -> dict[str, Any]:
-        """Apply NAT-II to a reverse-flow result (``rev`` of :meth:`GLAREFlowNet.reverse`).
+        """Apply NAT-II to a reverse-flow result (``rev`` of :meth:`GLAREFlowNet.reverse`): the latent hook of
+        :meth:`GLAREFlowNet.enhance` and :meth:`GLARENet.forward`.
 
         Returns dict: ``z_nl`` (NL-decoder input, ``B x d x h x w``), ``quant_nl`` (its quantisation
         ``C[v^T]``, known from the decoding, or None when nothing was refined: then quantise ``z_nl``), ``z_mf``
@@ -140,17 +146,6 @@ class _LatentNATMixin:
         z_mf = ref["z_out"] if self.mf_input == "refined" else z_hat
         return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
 
-    @staticmethod
-    def decode_nl(
-        vqgan: nn.Module, lat: Mapping[str, Any], return_rgb: bool, defer_finest: bool = False
-    ) -> tuple[Tensor | None, list[Tensor]]:
-        """Frozen normal-light decoder on :meth:`refine_latent`'s output: ``(rgb or None, [n1, n0])`` (``n0`` a
-        callable computing it later with ``defer_finest``, see :meth:`GLARENet.forward`)."""
-        quant = lat.get("quant_nl")
-        if quant is None:
-            quant, _, _ = vqgan.quantize_latent(lat["z_nl"])
-        return vqgan.decode_quant(quant, return_rgb=return_rgb, defer_finest=defer_finest)
-
 
 @ARCH_REGISTRY.register()
 class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
@@ -166,21 +161,6 @@ class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
         z_channels, cond_channels = self.RRDB.color_conv.out_channels, self.RRDB.cond_conv[0].out_channels
         options = parse_network_options({"nat2": nat2})["nat2"]
         self._setup_nat2(options, self.codebook_size, z_channels, cond_channels, need=False)
-
-    def enhance(self, lq: Tensor, vqgan: nn.Module, return_intermediates: bool = False) -> Tensor | dict[str, Any]:
-        """Stage-II enhancement with NAT-II: ``lq`` (B, 3, H, W) in [0, 1], any H, W -> raw RGB (B, 3, H, W).
-
-        With ``return_intermediates`` a dict: ``output``, ``z_hat``, ``cond``, ``color_map`` and the entries of
-        :meth:`refine_latent` (latents at the padded size).
-        """
-        x, (h, w) = pad_to_multiple(lq, self.downscale)
-        rev = {k: v for k, v in self.reverse(x).items() if k in ("z_hat", "cond", "color_map")}  # skips freed
-        lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        rgb, _ = self.decode_nl(vqgan, lat, return_rgb=True)
-        out = rgb[..., :h, :w]
-        if not return_intermediates:
-            return out
-        return {"output": out, **{k: rev[k] for k in ("z_hat", "cond", "color_map")}, **lat}
 
 
 @ARCH_REGISTRY.register()
@@ -210,72 +190,38 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
         mid_channels = self.deformable_decoder.conv_in.out_channels
         self.nat3 = DecoderNAT(mid_channels, self.nat3_options, cond_channels) if nat3_on else None
 
-    def _nat3_hook(
+    def decoder_mid_hook(
         self,
-        cond: Tensor,
-        uncertainty: Tensor,
-        random_r_max: float,
-        generator: torch.Generator | None,
-        info: dict[str, Tensor] | None,
-    ):
-        """``h -> h'`` for ``D_MF``'s ``mid_hook``; stores ``nat3_h_mid`` / ``nat3_h`` / ``nat3_mask`` in ``info``
-        when given (only then are they kept alive through the rest of the decoder)."""
+        rev: Mapping[str, Any],
+        lat: Mapping[str, Any],
+        record: dict | None,
+        nat3_random_r_max: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Callable[[Tensor], Tensor] | None:
+        """NAT-III as ``D_MF``'s ``mid_hook`` (``h -> h'`` on the bottleneck feature, B x C x h x w), or None without
+        NAT-III. Its mask comes from ``lat["uncertainty"]`` (:meth:`refine_latent`, B x h x w) and the condition
+        ``rev["cond"]``; ``nat3_random_r_max > 0`` (training) adds random patches, r3 ~ U(0, r_max) (docs/nat.md),
+        drawn from ``generator``. Stores ``nat3_h_mid`` (features after ``mid``), ``nat3_h`` (refined) and
+        ``nat3_mask`` (patch mask) in ``record`` when given (only then are they kept alive through the decoder).
+
+        :meth:`GLARENet.forward <glare_nat_arch.glare_arch.GLARENet.forward>` calls it; its ``options`` are
+        ``nat3_random_r_max`` and ``generator``.
+        """
         nat3 = self.nat3
+        if nat3 is None:
+            return None
+        cond, uncertainty = rev["cond"], lat["uncertainty"]
 
         def hook(h_mid: Tensor) -> Tensor:
             mask = nat3.patch_mask(uncertainty)
-            if random_r_max > 0:  # training: union with random patches, r3 ~ U(0, r_max) (docs/nat.md)
-                rand = sample_train_mask(torch.zeros_like(mask, dtype=torch.float32), 0.0, random_r_max, 0.0, generator)
+            if nat3_random_r_max > 0:
+                rand = sample_train_mask(
+                    torch.zeros_like(mask, dtype=torch.float32), 0.0, nat3_random_r_max, 0.0, generator
+                )
                 mask = mask | rand
             h_new, mask = nat3(h_mid, cond, uncertainty, mask=mask)
-            if info is not None:
-                info.update(nat3_h_mid=h_mid, nat3_h=h_new, nat3_mask=mask)
+            if record is not None:
+                record.update(nat3_h_mid=h_mid, nat3_h=h_new, nat3_mask=mask)
             return h_new
 
         return hook
-
-    def forward(
-        self,
-        lq: Tensor,
-        vqgan: nn.Module,
-        latent_refiner: Any = None,
-        return_intermediates: bool = False,
-        nat3_random_r_max: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor | dict[str, Any]:
-        """Enhance ``lq`` (B, 3, H, W) in [0, 1], any H, W: raw output (B, 3, H, W) (no clamp).
-
-        Path: log -> ``E_c`` -> reverse flow -> NAT-II (:meth:`refine_latent`) -> frozen VQGAN features of ``z_nl``
-        -> ``D_MF(z_mf)`` with NAT-III after its ``mid`` block. ``latent_refiner`` must be None (kept for the
-        :class:`GLARENet` call signature). ``nat3_random_r_max > 0`` (training) adds random masked patches.
-
-        With ``return_intermediates`` a dict (padded size): ``output``, ``z_hat``, ``cond``, ``color_map``, the
-        :meth:`refine_latent` entries, ``dnl_rgb``, ``n1``, ``n0``, the ``D_MF`` level tensors and, with NAT-III,
-        ``nat3_h_mid`` (features after ``mid``), ``nat3_h`` (refined) and ``nat3_mask`` (patch mask).
-        """
-        if latent_refiner is not None:
-            raise ValueError("GLARENATNet applies its own NAT refiners; latent_refiner must be None")
-        if self.nat2 is None and self.nat3 is None:
-            return super().forward(lq, vqgan, None, return_intermediates)
-        if lq.dim() != 4:
-            raise ValueError(f"GLARENATNet: lq must be (B, C, H, W), got {tuple(lq.shape)}")
-        x, (h, w) = pad_to_multiple(lq, self.downscale)
-        lean = not return_intermediates and self.defers_finest(x)  # s0, n0 computed when the fusion needs them
-        rev = self.reverse(x, defer_first_skip=lean)
-        lat = self.refine_latent(rev, vqgan_codebook(vqgan))
-        dnl_rgb, nl_feats = self.decode_nl(vqgan, lat, return_rgb=return_intermediates, defer_finest=lean)
-        info: dict[str, Tensor] = {}
-        hook = None
-        if self.nat3 is not None:
-            record = info if return_intermediates else None
-            hook = self._nat3_hook(rev["cond"], lat["uncertainty"], nat3_random_r_max, generator, record)
-        inter: dict | None = {} if return_intermediates else None
-        out = self.deformable_decoder(
-            lat["z_mf"], nl_feats, rev["skips"], intermediates=inter, mid_hook=hook, release_inputs=inter is None
-        )
-        out = out[..., :h, :w]
-        if not return_intermediates:
-            return out
-        extra = {k: rev[k] for k in ("z_hat", "cond", "color_map")}
-        nl = {"dnl_rgb": dnl_rgb, "n1": nl_feats[0], "n0": nl_feats[-1]}
-        return {"output": out, **extra, **lat, **nl, **inter, **info}

@@ -46,10 +46,6 @@ def chunked_code_distances(rows: Tensor, codes: Tensor, chunk: int) -> Iterator[
     n, k = rows.shape[0], codes.shape[0]
     size = max(1, min(int(chunk), n))
     code_sq = (codes**2).sum(dim=1)
-    if torch.jit.is_tracing():  # JIT-based op counters (mmengine) read the plain ops, not their out= variants
-        for start in range(0, n, size):
-            yield start, squared_code_distances(rows[start : start + size], codes, code_sq)
-        return
     codes_t = codes.t()
     sums, prods = rows.new_empty(size, k), rows.new_empty(size, k)
     for start in range(0, n, size):

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Encoder
+from glare_nat_arch.blocks import Decoder, Encoder, VQGANSize
 from glare_nat_arch.quantize import VectorQuantizer
-from glare_nat_arch.streaming import RowStreaming, set_row_streaming
 
 __all__ = ["GLAREVQGAN", "VQGAN_UNUSED_PREFIXES"]
 
@@ -28,9 +27,9 @@ class GLAREVQGAN(nn.Module):
     """GLARE's VQGAN (f = 2**(len(ch_mult)-1), official: f=4, K=8192, d=3).
 
     Args (official defaults): ``in_channels``/``out_ch`` image channels; ``ch``, ``ch_mult``, ``num_res_blocks``,
-    ``attn_resolutions``, ``resolution``, ``z_channels``, ``dropout`` as in :class:`~glare_nat_arch.blocks.Encoder`;
-    ``n_embed`` codes of dimension ``embed_dim``; ``beta`` commitment weight; ``row_stream_mb`` /
-    ``row_stream_rows``: row-streamed inference of large levels (see :class:`~glare_nat_arch.glare_arch.GLAREFlowNet`).
+    ``attn_resolutions``, ``resolution``, ``z_channels``, ``dropout``: the fields of
+    :class:`~glare_nat_arch.blocks.VQGANSize` (flat option keys, as BasicSR archs take them);
+    ``n_embed`` codes of dimension ``embed_dim``; ``beta`` commitment weight.
 
     Shapes for an image (B, 3, H, W): latent / quant (B, embed_dim, H/f, W/f), indices (B, H/f, W/f).
     """
@@ -49,27 +48,15 @@ class GLAREVQGAN(nn.Module):
         n_embed: int = 8192,
         beta: float = 0.25,
         dropout: float = 0.0,
-        row_stream_mb: float | None = 64.0,
-        row_stream_rows: int = 16,
     ):
         super().__init__()
-        arch = dict(
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            resolution=resolution,
-            z_channels=z_channels,
-            dropout=dropout,
-        )
-        self.downscale = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(in_channels=in_channels, double_z=False, **arch)
-        self.decoder = Decoder(out_ch=out_ch, **arch)
+        size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        self.downscale = size.downscale
+        self.encoder = Encoder(size, in_channels=in_channels)
+        self.decoder = Decoder(size, out_ch=out_ch)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        if row_stream_mb is not None:
-            set_row_streaming(self, RowStreaming(row_stream_mb, row_stream_rows))
 
     def encode(self, x: Tensor) -> Tensor:
         """Pre-quantisation latent ``quant_conv(encoder(x))``: (B, 3, H, W) -> (B, embed_dim, h, w)."""
@@ -79,27 +66,22 @@ class GLAREVQGAN(nn.Module):
         """``(quant (B, d, h, w), emb_loss (), indices (B, h, w))`` of a latent."""
         return self.quantize(latent)
 
-    def decode_quant(
-        self, quant: Tensor, return_rgb: bool = True, defer_finest: bool = False
-    ) -> tuple[Tensor | None, list[Tensor]]:
-        """Decode already-quantised codes: ``(rgb (B, 3, H, W) or None, [n1, n0])`` (no quantisation here).
-        ``defer_finest``: ``n0`` is a callable computing it later (see :meth:`Decoder.run_backbone`)."""
-        return self.decoder(self.post_quant_conv(quant), return_rgb=return_rgb, defer_finest=defer_finest)
+    def decode_quant(self, quant: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+        """Decode already-quantised codes (B, d, h, w): ``(rgb (B, 3, H, W) or None, [n1, n0])`` (no quantisation
+        here)."""
+        return self.decoder(self.post_quant_conv(quant), return_rgb=return_rgb)
 
     def decode_indices(self, indices: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, list[Tensor]]:
         """Decode code indices (B, h, w): ``(rgb or None, [n1, n0])``."""
         return self.decode_quant(self.quantize.lookup(indices), return_rgb=return_rgb)
 
-    def decode(
-        self, latent: Tensor, return_rgb: bool = True, defer_finest: bool = False
-    ) -> tuple[Tensor | None, Tensor, list[Tensor]]:
+    def decode(self, latent: Tensor, return_rgb: bool = True) -> tuple[Tensor | None, Tensor, list[Tensor]]:
         """Official ``VQModel.decode``: quantise ``latent`` then decode. Returns ``(rgb or None, emb_loss, [n1, n0])``.
 
-        n1 is (B, ch*ch_mult[1], H/2, W/2) and n0 is (B, ch*ch_mult[0], H, W) for the official three levels
-        (``defer_finest``: n0 is a callable computing it later, see :meth:`Decoder.run_backbone`).
+        n1 is (B, ch*ch_mult[1], H/2, W/2) and n0 is (B, ch*ch_mult[0], H, W) for the official three levels.
         """
         quant, emb_loss, _ = self.quantize(latent)
-        rgb, feats = self.decode_quant(quant, return_rgb=return_rgb, defer_finest=defer_finest)
+        rgb, feats = self.decode_quant(quant, return_rgb=return_rgb)
         return rgb, emb_loss, feats
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
@@ -47,6 +46,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 from tqdm import tqdm
 
+from glare_nat_arch.glare_arch import pad_to_multiple
 from glare_nat_models.model_checkpoints import CheckpointMethods
 
 __all__ = ["GLAREBaseModel", "keep_in_eval", "freeze_module", "image_loss"]
@@ -411,7 +411,7 @@ class GLAREBaseModel(CheckpointMethods, SRModel):
         return self.net_g
 
     def forward_test(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
-        """Hook: the enhanced image (B,3,H,W) for an input (B,3,H,W) already padded as required."""
+        """Hook: the enhanced image (B,3,H,W) for an input (B,3,H,W) already padded as required (:meth:`test`)."""
         return net(lq)
 
     def required_multiple(self) -> int:
@@ -420,18 +420,15 @@ class GLAREBaseModel(CheckpointMethods, SRModel):
 
     def pad_for_test(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Reflect-pad (B,C,H,W) by ``val.extra_pad`` ([bottom, left]), then up to a multiple of
-        ``lcm(val.pad_multiple, required_multiple())`` (bottom / right).
+        ``lcm(val.pad_multiple, required_multiple())`` (bottom / right): the one padding before the network
+        (:func:`~glare_nat_arch.glare_arch.pad_to_multiple`; the networks do not pad).
 
         Returns the padded tensor and the crop ``(top, height, left, width)`` that restores the original frame.
         """
         val_opt = self.opt.get("val") or {}
         bottom, left = (int(v) for v in (val_opt.get("extra_pad") or (0, 0)))
         mult = math.lcm(int(val_opt.get("pad_multiple", 1) or 1), self.required_multiple())
-        h, w = x.shape[-2:]
-        bottom += (-(h + bottom)) % mult
-        right = (-(w + left)) % mult
-        if bottom or left or right:
-            x = F.pad(x, (left, right, 0, bottom), mode="reflect")
+        x, (h, w) = pad_to_multiple(x, mult, border=(bottom, left))
         return x, (0, h, left, w)
 
     def test(self) -> None:

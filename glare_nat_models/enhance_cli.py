@@ -6,8 +6,9 @@ Usage::
     python scripts/enhance.py -opt options/test_glare_lol.yml -i photos/ -o out/ --tile auto --bf16
 
 Input is one image file or a folder (non-image files are skipped, sub-folders are not searched). Each image
-is written as ``<output>/<stem><suffix>.png`` (PNG, lossless). Any size works: the image is reflect-padded to a
-multiple of ``--pad-multiple`` (4) and cropped back; ``--tile`` processes large images in overlapping tiles
+is written as ``<output>/<stem><suffix>.png`` (PNG, lossless). Any size works: the image is reflect-padded once
+and cropped back (glare-nat models pad in their ``test()`` to what their network needs, other BasicSR models to a
+multiple of ``--pad-multiple``, 4); ``--tile`` processes large images in overlapping tiles
 blended with a cosine cross-fade (see :mod:`glare_nat_models.inference`).
 
 Channel layout and bit depth follow the input:
@@ -206,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tile-overlap", type=int, default=32, help="minimum tile overlap in pixels (default 32)")
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per forward pass (default 1)")
-    p.add_argument("--pad-multiple", type=int, default=4, help="pad H, W to a multiple of this (default 4)")
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=4,
+        help="pad H, W to a multiple of this for models that do not pad themselves (default 4)",
+    )
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")

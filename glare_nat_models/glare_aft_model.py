@@ -41,12 +41,7 @@ UNUSED_PREFIXES = tuple(f"deformable_decoder.{n}." for n in ("conv_out", "scale"
 
 @MODEL_REGISTRY.register()
 class GLAREAFTModel(GLAREBaseModel):
-    """Stage-III training / GLARE inference (see the module docstring).
-
-    ``latent_refiner`` (default None = official path) is passed to ``GLARENet.forward``; subclasses (NAT) set it.
-    """
-
-    latent_refiner = None
+    """Stage-III training / GLARE inference (see the module docstring)."""
 
     def build_aux_networks(self) -> None:
         self.net_vq = setup_frozen_vqgan(self)
@@ -81,8 +76,9 @@ class GLAREAFTModel(GLAREBaseModel):
         self.setup_schedulers()
 
     def run_net(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
-        """Raw ``GLARENet`` output (B, 3, H, W) for ``lq`` (any size: GLARENet pads to its multiple itself)."""
-        return net(lq, self.net_vq, latent_refiner=self.latent_refiner)
+        """Raw ``GLARENet`` output (B, 3, H, W) for ``lq`` (H, W multiples of the network's ``downscale``: training
+        crops are, and :meth:`test` pads)."""
+        return net(lq, self.net_vq)
 
     def optimize_parameters(self, current_iter: int) -> None:
         self.set_train_mode()

@@ -35,7 +35,6 @@ from basicsr.archs import build_network
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
-from glare_nat_arch.glare_arch import pad_to_multiple
 from glare_nat_arch.vqgan_arch import VQGAN_UNUSED_PREFIXES
 from glare_nat_models.base_model import GLAREBaseModel
 from glare_nat_models.checkpoint import CheckpointError
@@ -120,8 +119,6 @@ class GLAREFlowModel(GLAREBaseModel):
         self.finish_step(loss_dict, stepped)
 
     def forward_test(self, net: nn.Module, lq: torch.Tensor) -> torch.Tensor:
-        """Reverse flow from ``mu`` -> VQGAN quantise + decode: RGB (B, 3, H, W) in [0, 1]."""
-        net = self.get_bare_model(net)
-        x, (h, w) = pad_to_multiple(lq, net.downscale)
-        rgb, _, _ = self.net_vq.decode(net.reverse(x)["z_hat"], return_rgb=True)
-        return rgb[..., :h, :w].clamp(0, 1)
+        """Reverse flow from ``mu`` -> VQGAN quantise + decode (:meth:`~glare_nat_arch.glare_arch.GLAREFlowNet.
+        enhance`): RGB (B, 3, H, W) in [0, 1]."""
+        return self.get_bare_model(net).enhance(lq, self.net_vq).clamp(0, 1)

@@ -1,6 +1,8 @@
 """Inference building blocks shared by the ``enhance`` and ``benchmark`` CLIs.
 
-* :func:`pad_to_multiple` / :func:`crop_to`: any image size in, the same size out (networks need H, W % 4 == 0).
+* :func:`pad_to_multiple` (:func:`glare_nat_arch.glare_arch.pad_to_multiple`, the one padding) / :func:`crop_to`:
+  any image size in, the same size out (networks need H, W % 4 == 0). Models that pad in their own ``test()``
+  (the glare-nat models) get the image unpadded: each network input is padded exactly once.
 * :func:`tiled_forward`: overlapping tiles with a cosine cross-fade, batched over tiles, for images too large
   for one forward pass.
 * :func:`select_device`, :func:`autocast_context`, :func:`auto_tile_size`: device / precision / memory policy
@@ -29,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
+from glare_nat_arch.glare_arch import pad_to_multiple
 
 __all__ = [
     "pad_to_multiple",
@@ -58,32 +60,6 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 # padding
 # --------------------------------------------------------------------------------------------------------------
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad the bottom and right of ``x`` so that H and W are multiples of ``multiple``.
-
-    Args:
-        x: ``(B, C, H, W)`` tensor.
-        multiple: required divisor of the padded H and W (``1`` = no padding).
-        mode: ``F.pad`` mode; ``'reflect'`` falls back to ``'replicate'`` when a side is too small to reflect
-            (reflection needs pad < size).
-
-    Returns:
-        ``(x_pad, (H, W))``: ``x_pad`` is ``(B, C, H', W')`` with ``H' % multiple == W' % multiple == 0``;
-        ``(H, W)`` is the original size, to be given to :func:`crop_to`.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"pad_to_multiple expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    if mode == "reflect" and (ph >= h or pw >= w):
-        mode = "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
-
-
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Undo :func:`pad_to_multiple`: keep the top-left ``size = (H, W)`` of a ``(B, C, H', W')`` tensor."""
     return x[..., : size[0], : size[1]]
@@ -161,8 +137,9 @@ def tiled_forward(
 ) -> torch.Tensor:
     """Apply an image-to-image ``fn`` to ``x`` tile by tile and blend the tiles.
 
-    ``x`` is padded to a multiple of ``multiple`` (reflect) and the result cropped back, so any size works.
-    ``tile=None`` (or a tile covering the whole padded image) runs ``fn`` once on the padded image.
+    ``x`` is padded to a multiple of ``multiple`` (reflect; ``multiple=1``: not padded, for an ``fn`` that pads
+    itself) and the result cropped back, so any size works. ``tile=None`` (or a tile covering the whole padded
+    image) runs ``fn`` once on the padded image.
 
     Args:
         fn: maps ``(N, C, h, w)`` to ``(N, C_out, h, w)`` (same spatial size, any device); ``h, w`` are
@@ -178,7 +155,7 @@ def tiled_forward(
     Returns:
         ``(B, C_out, H, W)`` float32 tensor on the device of ``fn``'s output.
     """
-    x_pad, size = pad_to_multiple(x, multiple)
+    x_pad, size = pad_to_multiple(x, multiple) if multiple > 1 else (x, tuple(x.shape[-2:]))
     hp, wp = x_pad.shape[-2:]
     if tile is None or (tile >= hp and tile >= wp):
         return crop_to(fn(x_pad).float(), size)
@@ -264,9 +241,9 @@ def set_malloc_mmap_threshold(mb: float) -> bool:
     """Serve every CPU allocation of at least ``mb`` MiB from its own memory mapping (glibc ``mallopt``
     ``M_MMAP_THRESHOLD``), for the whole process. Returns False (and changes nothing) without glibc.
 
-    By default glibc raises this threshold to the size of freed blocks, up to 32 MiB, so the tens-of-MiB strips and
-    quarter-resolution maps of row-streamed inference come from the heap, and the heap keeps freed pages: the
-    process's resident memory then exceeds the live tensors by a few hundred MiB (docs/performance.md). A fixed
+    By default glibc raises this threshold to the size of freed blocks, up to 32 MiB, so blocks up to that size come
+    from the heap, and the heap keeps freed pages: the process's resident memory then exceeds the live tensors
+    (docs/performance.md). A fixed
     threshold hands such blocks back to the OS when freed, at the cost of zeroing fresh pages on every allocation
     (slower). Process-wide, so only entry points call it, when asked (``--mmap-threshold-mb``).
     """
@@ -440,7 +417,9 @@ def model_forward_fn(model, dtype: torch.dtype | None = None) -> TensorFn:
     """Wrap a BasicSR model as ``fn(lq) -> result``: ``(N, 3, H, W)`` in [0, 1] -> ``(N, 3, H, W)`` float32 CPU.
 
     Uses the stock model contract ``feed_data({'lq': x})``, ``test()``, ``get_current_visuals()['result']``;
-    ``test()`` runs under :func:`autocast_context` with ``dtype``.
+    ``test()`` runs under :func:`autocast_context` with ``dtype``. ``fn.pads_itself`` is True for models whose
+    ``test()`` pads the input to what their network needs (``pad_for_test``: the glare-nat models), so
+    :func:`run_enhancer` does not pad for them.
     """
     device = getattr(model, "device", torch.device("cpu"))
 
@@ -450,6 +429,7 @@ def model_forward_fn(model, dtype: torch.dtype | None = None) -> TensorFn:
             model.test()
         return model.get_current_visuals()["result"].float()
 
+    fn.pads_itself = callable(getattr(model, "pad_for_test", None))
     return fn
 
 
@@ -467,8 +447,12 @@ def run_enhancer(
     """Enhance one batch with padding, optional tiling and clamping: ``(B, 3, H, W)`` -> ``(B, 3, H, W)`` in [0, 1].
 
     ``tile``: None or 0 = whole image; an int = that tile side; ``'auto'`` = :func:`auto_tile_size` (CUDA only,
-    measuring ``fn`` once if ``bytes_per_pixel`` is not given; no tiling on CPU).
+    measuring ``fn`` once if ``bytes_per_pixel`` is not given; no tiling on CPU). ``multiple``: the padding for an
+    ``fn`` that does not pad itself (``fn.pads_itself``, :func:`model_forward_fn`: then tiles are cut from the
+    unpadded image and ``fn`` pads each to its network's multiple).
     """
+    if getattr(fn, "pads_itself", False):
+        multiple = 1
     lq = lq.to(device)
     if tile == "auto":
         if device.type == "cuda":

@@ -3,7 +3,7 @@
 
 Builds the full inference network (GLARENet + GLAREVQGAN, official sizes unless ``--tiny``, random weights fixed by
 ``--seed``) and a deep copy whose 11 attention blocks compute softmax(QK^T c^-0.5) V with the explicit N x N map
-as the official code does (:class:`glare_nat_models.perf.ExplicitAttnBlock`). For every precision and size it
+as the official code does (:class:`perf_tools.ExplicitAttnBlock`). For every precision and size it
 reports, from one run: median latency over ``--repeats`` after ``--warmup`` calls, peak memory, the output
 difference and the code-index agreement of the two, and the ratios ours/reference. With ``--train`` it also
 prints the training throughput (iterations/s, forward + backward + optimizer step) of Stages I, II and III.
@@ -35,12 +35,13 @@ import tempfile
 
 if importlib.util.find_spec("glare_nat_models") is None:  # not pip-installed: use this checkout
     sys.path.insert(0, osp.abspath(osp.join(__file__, osp.pardir, osp.pardir)))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # perf_tools
 
+import perf_tools as perf  # noqa: E402
 import torch  # noqa: E402
 
 import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
 from glare_nat_arch.blocks import AttnBlock  # noqa: E402
-from glare_nat_models import perf  # noqa: E402
 from glare_nat_models.inference import autocast_context, select_device, set_malloc_mmap_threshold  # noqa: E402
 
 GIB = 1024**3
@@ -390,7 +391,7 @@ def profile_variants(args: argparse.Namespace, device: torch.device) -> None:
 
 def trace_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Per variant and size (first precision): the peak of live tensor storages in one call and the largest tensors
-    alive at that moment, each with the module that allocated it (:class:`~glare_nat_models.perf.LiveTensorBytes`;
+    alive at that moment, each with the module that allocated it (:class:`~perf_tools.LiveTensorBytes`;
     kernel scratch such as im2col buffers or oneDNN reorders is not visible here, peak RSS / CUDA peaks include it).
     """
     rows = []

@@ -41,16 +41,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # perf_tools
 
 import torch  # noqa: E402
+from perf_tools import LiveTensorBytes, mac_counter  # noqa: E402
+from perf_tools import measure as perf_measure  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
-from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
-from glare_nat_models.perf import LiveTensorBytes, mac_counter  # noqa: E402
-from glare_nat_models.perf import measure as perf_measure  # noqa: E402
 
 TARGETS = {"latency": 0.10, "memory": 0.12}
 
@@ -141,12 +141,16 @@ def calibrate(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor
 
 
 @contextlib.contextmanager
-def without_nat3(net: GLARENATNet):
-    nat3, net.nat3 = net.nat3, None
+def without(net: GLARENATNet, *names: str):
+    """``net`` with the refiners ``names`` (``nat2``, ``nat3``) switched off: its hooks then run GLARE's path."""
+    saved = {name: getattr(net, name) for name in names}
     try:
+        for name in names:
+            setattr(net, name, None)
         yield
     finally:
-        net.nat3 = nat3
+        for name, module in saved.items():
+            setattr(net, name, module)
 
 
 def make_paths(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tensor) -> dict[str, tuple]:
@@ -158,8 +162,12 @@ def make_paths(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tenso
         mid_channels = net.deformable_decoder.conv_in.out_channels
         h_mid = torch.randn(x.shape[0], mid_channels, *rev["z_hat"].shape[-2:], device=x.device)
 
+    def stage3(x: Tensor) -> Tensor:
+        with without(net, "nat2", "nat3"):
+            return net(x, vq)
+
     def stage3_latent(x: Tensor) -> Tensor:
-        with without_nat3(net):
+        with without(net, "nat3"):
             return net(x, vq)
 
     def nat2_only(_: Tensor) -> Tensor:
@@ -173,7 +181,7 @@ def make_paths(vq: GLAREVQGAN, net: GLARENATNet, flow: GLARENATFlowNet, x: Tenso
     return {
         "stage II": (lambda x: vq.decode(flow.reverse(x)["z_hat"])[0], glare2, None),
         "stage II + NAT-II": (lambda x: flow.enhance(x, vq), glare2 + [flow.nat2], "stage II"),
-        "stage III": (lambda x: GLARENet.forward(net, x, vq), glare3, None),
+        "stage III": (stage3, glare3, None),
         "stage III + NAT-II": (stage3_latent, glare3 + [net.nat2], "stage III"),
         "stage III + NAT-II + NAT-III": (lambda x: net(x, vq), glare3 + [net.nat2, net.nat3], "stage III"),
         "NAT-II only": (nat2_only, [net.nat2], None),
@@ -191,8 +199,8 @@ def autocast(device: torch.device, amp: str | None):
 def measure(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int, amp: str | None) -> dict[str, float]:
     """Latency (ms: wall mean, sd, median; process CPU-time median), peak activation bytes and MACs of ``fn(x)``.
 
-    Timing and the CUDA peak come from :func:`glare_nat_models.perf.measure`; one more, untimed call counts the
-    multiply-accumulates (:func:`glare_nat_models.perf.mac_counter`: noise-free, what CPU time follows) and, on the
+    Timing and the CUDA peak come from :func:`perf_tools.measure`; one more, untimed call counts the
+    multiply-accumulates (:func:`perf_tools.mac_counter`: noise-free, what CPU time follows) and, on the
     CPU, the peak of live tensor storages (:class:`LiveTensorBytes`). ``runs = 0``: that call only (no latency keys;
     on CUDA its own peak).
     """

@@ -33,14 +33,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_tools
 
+import perf_tools as perf  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import glare_nat_arch  # noqa: E402,F401  (compat shims before basicsr)
+from glare_nat_arch import quantize  # noqa: E402
 from glare_nat_arch.glare_arch import GLARENet  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
-from glare_nat_models import perf  # noqa: E402
 
 TINY = {
     "vqgan": dict(ch=32, ch_mult=(1, 2, 1), n_embed=64),
@@ -61,7 +63,7 @@ STAGES = ("E_c", "flow", "D_NL", "D_MF")
 
 
 # ----------------------------------------------------------------------------------------------- backends
-# the formulas and the FlopCounterMode counter live in glare_nat_models.perf (shared with scripts/bench_nat.py)
+# the formulas and the FlopCounterMode counter live in perf_tools (shared with scripts/bench_nat.py)
 count_torch = perf.count_macs  # MACs of fn(*inputs) with FlopCounterMode (works on meta tensors)
 
 
@@ -93,8 +95,25 @@ class _Call(nn.Module):
         return tuple(flat)
 
 
+def _plain_code_distances(rows: torch.Tensor, codes: torch.Tensor, chunk: int):
+    """:func:`~glare_nat_arch.quantize.chunked_code_distances` with plain ops instead of ``out=`` variants, which
+    mmengine's JIT trace does not count (same values)."""
+    code_sq = (codes**2).sum(dim=1)
+    size = max(1, min(int(chunk), rows.shape[0]))
+    for start in range(0, rows.shape[0], size):
+        yield start, quantize.squared_code_distances(rows[start : start + size], codes, code_sq)
+
+
 def count_mmengine(fn: Callable, inputs: tuple) -> int:
     """MACs of ``fn(*inputs)`` with mmengine's FlopAnalyzer (real tensors), plus SDPA / deform_conv2d handles."""
+    with contextlib.ExitStack() as stack:
+        original = quantize.chunked_code_distances
+        quantize.chunked_code_distances = _plain_code_distances
+        stack.callback(setattr, quantize, "chunked_code_distances", original)
+        return _count_mmengine(fn, inputs)
+
+
+def _count_mmengine(fn: Callable, inputs: tuple) -> int:
     from mmengine.analysis import FlopAnalyzer
     from mmengine.analysis.jit_handles import get_shape
 

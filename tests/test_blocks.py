@@ -9,11 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import glare_nat_arch  # noqa: F401  (compat shims first)
-from glare_nat_arch.blocks import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample, swish
+from glare_nat_arch.blocks import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample, VQGANSize, swish
 from tests.rss_probe import PEAK_RSS_HELPERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_upsample_nearest_then_conv():
 
 def test_encoder_decoder_shapes_skips_and_features():
     torch.manual_seed(0)
-    enc, dec = Encoder(**TINY), Decoder(**TINY)
+    enc, dec = Encoder(VQGANSize(**TINY)), Decoder(VQGANSize(**TINY))
     x = torch.randn(2, 3, 32, 48)
     z, skips = enc(x, return_skips=True)
     assert z.shape == (2, 3, 8, 12)
@@ -126,6 +127,7 @@ _MEMORY_PROBE = PEAK_RSS_HELPERS + textwrap.dedent(
     # load blocks.py alone (it only needs torch): skips importing basicsr through the package
     spec = importlib.util.spec_from_file_location("blocks_probe", sys.argv[1])
     blocks = importlib.util.module_from_spec(spec)
+    sys.modules["blocks_probe"] = blocks  # dataclasses look their module up
     spec.loader.exec_module(blocks)
     AttnBlock = blocks.AttnBlock
     torch.set_num_threads(2)
@@ -162,3 +164,18 @@ def test_attn_block_memory_stays_far_below_the_explicit_attention_map():
     full_map_mb = n * n * 4 / 2**20  # 858 MiB = 0.9 GB
     assert res["explicit_control_mb"] >= full_map_mb / 4, res
     assert res["sdpa_mb"] <= full_map_mb / 4, res
+
+
+def test_vqgan_size_is_defined_once_and_shared():
+    """Flat option keys (YAML lists) become one frozen VQGANSize; E_c and D_MF of a GLARENet use the same one."""
+    import dataclasses
+
+    from glare_nat_arch.glare_arch import GLARENet
+
+    size = VQGANSize(**{**TINY, "ch_mult": [1, 2, 1], "attn_resolutions": [64]})
+    assert size == VQGANSize(**TINY) and size.ch_mult == (1, 2, 1) and size.downscale == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        size.ch = 64
+    with torch.device("meta"):
+        net = GLARENet(**{**TINY, "ch_mult": [1, 2, 1]})
+    assert net.RRDB.encoder.size is net.size is net.deformable_decoder.size and net.size == size

@@ -14,6 +14,7 @@ import torchvision
 from basicsr.archs.arch_util import DCNv2Pack
 
 from glare_nat_arch.aft import MultiScaleDecoder
+from glare_nat_arch.blocks import VQGANSize
 from glare_nat_arch.deform import LeanDCNv2Pack, modulated_deform_conv2d
 from tests.rss_probe import PEAK_RSS_HELPERS
 
@@ -109,7 +110,7 @@ def test_multiscale_decoder_output_does_not_depend_on_the_dcn_impl():
     """D_MF at a tiny size: 'im2col' (official kernel) and 'tapwise' agree in float64."""
     torch.manual_seed(0)
     kw = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=3)
-    dec = MultiScaleDecoder(**kw).double().eval()
+    dec = MultiScaleDecoder(VQGANSize(**kw)).double().eval()
     for warp in dec.warp:
         torch.nn.init.normal_(warp.dcn.conv_offset.weight, std=0.2)
     z = torch.randn(1, 3, 5, 6, dtype=torch.float64)

@@ -165,3 +165,49 @@ def test_mmap_threshold_option_sets_the_allocator_policy(setup, tmp_path, monkey
     assert calls == []
     assert _run(yml, tmp_path / "a.png", tmp_path / "o2", "--mmap-threshold-mb", "4") == 0
     assert calls == [4.0]
+
+
+def _tiny_glare_options(folder: Path) -> Path:
+    """Option file of a tiny seeded GLARE (Stage III) model with its two checkpoints."""
+    from glare_nat_arch.glare_arch import GLARENet
+    from glare_nat_arch.vqgan_arch import GLAREVQGAN
+
+    size = dict(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, attn_resolutions=[])
+    flow = dict(cond_channels=8, flow_hidden_channels=8, flow_L=1, flow_K=2, flow_n_extra_steps=1)
+    flow.update(flow_unused_f_in=4, flow_unused_f_out=4)
+    torch.manual_seed(0)
+    for name, net in (("vq", GLAREVQGAN(**size, n_embed=16)), ("g", GLARENet(**size, **flow))):
+        torch.save({"params": net.state_dict()}, folder / f"{name}.pth")
+
+    def block(d: dict) -> str:
+        return "".join(f"  {k}: {v}\n" for k, v in d.items())
+
+    yml = folder / "tiny_glare.yml"
+    yml.write_text(
+        "name: tiny_glare\nmodel_type: GLAREAFTModel\nnum_gpu: 0\n"
+        f"network_vq:\n  type: GLAREVQGAN\n  n_embed: 16\n{block(size)}"
+        f"network_g:\n  type: GLARENet\n{block(size)}{block(flow)}"
+        f"path:\n  pretrain_network_vq: {folder / 'vq.pth'}\n  pretrain_network_g: {folder / 'g.pth'}\n"
+        "val:\n  extra_pad: [0, 0]\n",
+        encoding="utf-8",
+    )
+    return yml
+
+
+def test_an_enhance_call_pads_the_image_once(tmp_path, monkeypatch):
+    """CLI -> tiler -> model.test() -> GLARENet: exactly one reflect/replicate pad of the 37x53 photo (the
+    network's own zero pads, e.g. before its stride-2 convs, are not image padding)."""
+    yml = _tiny_glare_options(tmp_path)
+    cv2.imwrite(str(tmp_path / "odd.png"), _rng_image((37, 53, 3)))
+    pads: list[tuple[tuple[int, ...], str]] = []
+    original = F.pad
+
+    def counting_pad(x, pad, mode="constant", value=None):
+        if mode != "constant":
+            pads.append((tuple(x.shape), mode))
+        return original(x, pad, mode=mode, value=value)
+
+    monkeypatch.setattr(F, "pad", counting_pad)
+    assert _run(yml, tmp_path / "odd.png", tmp_path / "out", "--tile", "0") == 0
+    assert pads == [((1, 3, 37, 53), "reflect")]
+    assert cv2.imread(str(tmp_path / "out" / "odd.png")).shape == (37, 53, 3)

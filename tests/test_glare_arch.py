@@ -201,9 +201,9 @@ def test_golden_stage3_float64(golden, run64):
         close(out[f"level{level}_h_post"], h_mix + ref[f"level{level}_u"].double() * ratio, F64_STORED_F32)
 
 
-def test_golden_stage3_with_the_tapwise_dcn_and_inplace_inference_path(golden, run64, stage3, vqgan):
-    """The memory-lean inference path (tap-wise DCN, in-place mix / rescale / activations, released feature lists)
-    reproduces the official output: float64 against the golden output and against the im2col run."""
+def test_golden_stage3_with_the_tapwise_dcn(golden, run64, stage3, vqgan):
+    """The tap-wise DCN at inference reproduces the official output: float64 against the golden output and
+    against the im2col run."""
     net, vq = copy.deepcopy(stage3).double(), vqgan.double()
     for warp in net.deformable_decoder.warp:
         warp.dcn.impl = "tapwise"
@@ -244,37 +244,51 @@ def test_batch_global_rescale_couples_samples_and_per_sample_option_does_not(gol
     torch.testing.assert_close(run(True, slice(None)), singles, rtol=1e-10, atol=1e-10)
 
 
-def test_any_input_size_is_padded_and_cropped_back(golden, stage3, vqgan):
+def test_networks_do_not_pad_they_name_the_multiple(golden, stage3, vqgan):
+    """Padding is the caller's (pad_to_multiple, once): the network refuses sizes it cannot take."""
     net, vq = stage3.double(), vqgan.double()
     h, w = 29, 46  # H % 4 = 1, W % 4 = 2
     x = golden["input"][:1, :, :h, :w]
-    with torch.no_grad():
-        out = net(x, vq)
-        padded, size = pad_to_multiple(x, 4)
-        ref = net(padded, vq)[..., :h, :w]
+    with pytest.raises(ValueError, match="H, W = 29, 46 must be multiples of 4"):
+        net(x, vq)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net.enhance(x, vq)
+    padded, size = pad_to_multiple(x, 4)
     assert size == (h, w) and padded.shape[-2:] == (32, 48)
-    assert out.shape == (1, 3, h, w)
-    torch.testing.assert_close(out, ref)
     torch.testing.assert_close(padded[..., h, :w], x[..., h - 2, :])  # reflect padding at the bottom/right
     torch.testing.assert_close(padded[..., :h, w], x[..., :, w - 2])
+    bordered, _ = pad_to_multiple(x, 4, border=(20, 20))  # official test border: bottom and left, then the multiple
+    assert bordered.shape[-2:] == (52, 68)
+    torch.testing.assert_close(bordered[..., :h, 20 : 20 + w], x, rtol=0, atol=0)
 
 
-def test_latent_refiner_hook(golden, stage3, vqgan, run64):
+def test_latent_hook_feeds_both_decoders(golden, stage3, vqgan, run64, monkeypatch):
+    """``refine_latent`` is the one place where a refiner changes the latents: its output feeds D_NL and D_MF."""
     net, vq = stage3.double(), vqgan.double()
     x = golden["input"]
     seen = {}
+    official = net.refine_latent
 
-    def identity(z_hat, cond):
-        seen.update(cond)
-        return z_hat
+    def identity(rev, codebook):
+        seen.update(rev)
+        return official(rev, codebook)
+
+    def shifted(rev, codebook):
+        z = rev["z_hat"] + 0.5
+        return {"z_nl": z, "quant_nl": None, "z_mf": z}
 
     with torch.no_grad():
-        same = net(x, vq, latent_refiner=identity)
-        changed = net(x, vq, latent_refiner=lambda z, c: z + 0.5, return_intermediates=True)
+        monkeypatch.setattr(net, "refine_latent", identity)
+        same = net(x, vq)
+        monkeypatch.setattr(net, "refine_latent", shifted)
+        changed = net(x, vq, return_intermediates=True)
     torch.testing.assert_close(same, run64["plain"], rtol=0, atol=0)
     assert {"cond", "color_map", "skips", "z_hat"} <= set(seen)
     torch.testing.assert_close(changed["z_dec"], changed["z_hat"] + 0.5)
+    assert changed["z_mf"] is changed["z_dec"]
     assert (changed["output"] - run64["plain"]).abs().max() > 1e-3
+    with pytest.raises(TypeError, match="nat3_random_r_max"):  # GLARE itself has no decoder-hook options
+        net(x, vq, nat3_random_r_max=0.5)
 
 
 def test_unused_official_parameters_exist_frozen_and_unused(golden, stage3, vqgan, run64):

@@ -15,9 +15,11 @@ import torch
 import glare_nat_arch  # noqa: F401  (compat shims first)
 from glare_nat_arch.blocks import AttnBlock
 from glare_nat_arch.deform import LeanDCNv2Pack
-from glare_nat_models import perf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the benchmark helpers live next to the scripts that use them
+import perf_tools as perf  # noqa: E402
+
 SCRIPT = REPO_ROOT / "scripts" / "bench_inference.py"
 
 

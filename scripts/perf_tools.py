@@ -1,6 +1,7 @@
 """Speed and memory measurement of GLARE: our networks against the official explicit-attention computation.
 
-Used by ``scripts/bench_inference.py`` (the CLI, see ``docs/performance.md``). Pieces:
+Used by ``scripts/bench_inference.py`` (the CLI, see ``docs/performance.md``), ``scripts/bench_nat.py`` and
+``scripts/count_params_macs.py``; they import it as ``perf_tools`` (this folder is on their ``sys.path``). Pieces:
 
 * :class:`ExplicitAttnBlock` and :func:`with_explicit_attention`: the reference. A deep copy of a network in which
   every :class:`~glare_nat_arch.blocks.AttnBlock` is replaced by the official formulation (``bmm`` -> scale ->
@@ -40,7 +41,6 @@ from torch.utils._pytree import tree_flatten
 from glare_nat_arch.blocks import AttnBlock
 from glare_nat_arch.deform import LeanDCNv2Pack
 from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet
-from glare_nat_arch.streaming import set_row_streaming
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 from glare_nat_models.inference import autocast_context
 
@@ -115,8 +115,7 @@ def with_explicit_attention(module: nn.Module) -> nn.Module:
     """The official-style reference: a deep copy of ``module`` with every AttnBlock replaced by an
     :class:`ExplicitAttnBlock` holding the same weights (same device, dtype, ``requires_grad`` and train/eval mode)
     and every deformable conv on BasicSR's im2col kernel (``DCNv2Pack``, as the official code), whatever its
-    ``dcn_impl``, and without row streaming (the official code runs every level on whole maps). ``module`` itself
-    is not changed."""
+    ``dcn_impl``. ``module`` itself is not changed."""
     if type(module) is AttnBlock:
         return _explicit_copy(module)
     ref = copy.deepcopy(module)
@@ -126,7 +125,6 @@ def with_explicit_attention(module: nn.Module) -> nn.Module:
                 setattr(parent, name, _explicit_copy(child))
             elif isinstance(child, LeanDCNv2Pack):
                 child.impl = "im2col"
-    set_row_streaming(ref, None)
     return ref
 
 
