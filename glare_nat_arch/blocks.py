@@ -15,7 +15,8 @@ Every sub-module keeps the attribute names of the official GLARE code (``LowLeve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -195,9 +196,21 @@ class VQGANSize:
         """``f = 2 ** (len(ch_mult) - 1)``: image side / latent side."""
         return 2 ** (len(self.ch_mult) - 1)
 
+    @classmethod
+    def from_options(cls, owner: str, **options: Any) -> VQGANSize:
+        """The size from a registered network's flat option keys (the fields above; missing ones take the official
+        defaults). Any other key raises a ``TypeError`` naming ``owner`` and every unknown key."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            allowed = ", ".join(f.name for f in fields(cls))
+            raise TypeError(f"{owner}: unexpected option(s) {unknown}; the VQGAN size keys are {allowed}")
+        return cls(**options)
+
 
 #: the official GLARE VQGAN size (the default of every network here)
 OFFICIAL_SIZE = VQGANSize()
+#: the size of the registered networks' ``TINY`` instances (tests): three levels (f = 4), no attention
+TINY_SIZE = {"ch": 32, "ch_mult": (1, 1, 1), "num_res_blocks": 1, "attn_resolutions": (), "resolution": 32}
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,13 @@ class DecoderNAT(nn.Module):
         cond_channels: channels of ``cond_feat`` (64).
         mlp_ratio, dropout: transformer MLP width and dropout (not options).
     """
+
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {
+        "in_channels": 32,
+        "cond_channels": 8,
+        "options": {"enable": True, "model": {"dim": 16, "depth": 1, "heads": 2, "patch": 2}, "mask": {"tau3": 0.5}},
+    }
 
     def __init__(
         self,

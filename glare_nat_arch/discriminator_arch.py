@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
@@ -23,6 +25,9 @@ class PatchGANDiscriminator(nn.Module):
     e.g. 256x256 -> 30x30 (70x70 receptive field). Init: conv weights N(0, 0.02); BatchNorm weight N(1, 0.02),
     bias 0. Parameter names (``main.<i>.*``) equal taming's, so taming discriminator checkpoints load 1:1.
     """
+
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {"ndf": 8, "n_layers": 2}
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3) -> None:
         super().__init__()

@@ -305,6 +305,7 @@ class LatentFlow(nn.Module):
                 step = FlowStep(in_channels, cond_channels, hidden_channels, coupling, actnorm_scale, affine_eps)
                 self.layers.append(step)
         self.f = nn.Sequential(nn.Conv2d(unused_f_in, unused_f_out, 3, padding=1))  # unused; strict=True loading only
+        self.f.requires_grad_(False)  # never called: not trainable
 
     @property
     def layer_kinds(self) -> list[str]:

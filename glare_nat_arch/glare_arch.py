@@ -10,7 +10,7 @@ Attribute names equal the official ones so the official weights load 1:1 with ``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
 from glare_nat_arch.aft import MultiScaleDecoder
-from glare_nat_arch.blocks import OFFICIAL_SIZE, Encoder, VQGANSize
+from glare_nat_arch.blocks import OFFICIAL_SIZE, TINY_SIZE, Encoder, VQGANSize
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 
@@ -98,31 +98,37 @@ class GLAREFlowNet(nn.Module):
     Latents are (B, z_channels, H/4, W/4).
     """
 
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {
+        **TINY_SIZE,
+        "cond_channels": 8,
+        "flow_hidden_channels": 8,
+        "flow_L": 1,
+        "flow_K": 2,
+        "flow_n_extra_steps": 1,
+        "flow_unused_f_in": 4,
+        "flow_unused_f_out": 4,
+    }
+
     def __init__(
         self,
         in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
         cond_channels: int = 64,
-        dropout: float = 0.0,
         flow_hidden_channels: int = 64,
         flow_L: int = 2,  # noqa: N803 (official name)
         flow_K: int = 12,  # noqa: N803
         flow_n_extra_steps: int = 2,
         flow_unused_f_in: int = 320,
         flow_unused_f_out: int = 384,
+        **size: Any,
     ):
         super().__init__()
         #: the VQGAN size of ``E_c`` (and of ``D_MF`` in Stage III), built once from the flat option keys
-        self.size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        self.size = VQGANSize.from_options(type(self).__name__, **size)
         self.downscale = self.size.downscale
         self.RRDB = ConditionEncoder(self.size, in_channels=in_channels, cond_channels=cond_channels)
         self.flowUpsamplerNet = LatentFlow(
-            in_channels=z_channels,
+            in_channels=self.size.z_channels,
             cond_channels=cond_channels,
             hidden_channels=flow_hidden_channels,
             L=flow_L,
@@ -295,4 +301,3 @@ class GLARENet(GLAREFlowNet):
         nl = {"z_dec": lat["z_nl"], "z_hat_quant": quant, "z_hat_indices": indices, "dnl_rgb": dnl_rgb}
         skips = {"s0": rev["skips"][0], "s1": rev["skips"][1], "n1": nl_feats[0], "n0": nl_feats[-1]}
         return {"output": out, **extra, **lat, **nl, **skips, **inter, **record}
-

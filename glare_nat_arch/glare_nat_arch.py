@@ -33,7 +33,7 @@ both equal ``x_hat`` and the output is bit-identical to GLARE's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -128,22 +128,27 @@ class _LatentNATMixin:
         if self.nat2 is None:
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": None, "refine": None}
         if not self.nat2_enabled:  # kept only for NAT-III's uncertainty map (NAT-III only)
-            unc = self.nat2.uncertainty(z_hat, codebook, self.nat2_score(rev, codebook)).score
+            with torch.no_grad():
+                unc = self.nat2.uncertainty(z_hat, codebook, self.nat2_score(rev, codebook)).score
             return {"z_nl": z_hat, "quant_nl": None, "z_mf": z_hat, "uncertainty": unc, "refine": None}
         need_u = getattr(self, "nat3", None) is not None
         score = self.nat2_score(rev, codebook)
-        ref = self.nat2.refine(
-            z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u, score=score, soft_codes=False
-        )
+        with torch.no_grad():  # discrete decoding; NAT-II learns from its masked-token loss (TRAINED_OUTSIDE_FORWARD)
+            ref = self.nat2.refine(
+                z_hat, codebook, rev["color_map"], rev["cond"], stats=need_u, score=score, soft_codes=False
+            )
         if ref["z_out"] is z_hat:  # nothing masked: GLARE's own latent for both decoders
-            z_nl, quant_nl = z_hat, None
+            z_nl, quant_nl, z_ref = z_hat, None, z_hat
         else:
-            z_nl = torch.where(ref["mask_union"][:, None], ref["z_q"].to(z_hat.dtype), z_hat)
+            union = ref["mask_union"][:, None]
+            z_nl = torch.where(union, ref["z_q"].to(z_hat.dtype), z_hat)
             # never-masked positions keep v0 = the quantiser's nearest code of z_hat (the same distances; with another
             # row-block size only a near-tie within float rounding could go the other way), so C[v^T] is z_nl
             # quantised: no second nearest-code search over the K codes
             quant_nl = ref["z_q"].to(z_hat.dtype)
-        z_mf = ref["z_out"] if self.mf_input == "refined" else z_hat
+            # the refiner's latent (equal to z_hat outside the masked set), with GLARE's own gradient path there
+            z_ref = torch.where(union, ref["z_out"], z_hat)
+        z_mf = z_ref if self.mf_input == "refined" else z_hat
         return {"z_nl": z_nl, "quant_nl": quant_nl, "z_mf": z_mf, "uncertainty": ref["uncertainty"], "refine": ref}
 
 
@@ -154,6 +159,11 @@ class GLARENATFlowNet(_LatentNATMixin, GLAREFlowNet):
 
     ``forward`` is still the Stage-II NLL pass of :class:`GLAREFlowNet`; the image path is :meth:`enhance`.
     """
+
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {**GLAREFlowNet.TINY, "codebook_size": 16, "nat2": LatentNAT.TINY["options"]}
+    #: trained by the masked-token loss (``nat2.forward``: logits at masked positions), not through ``forward``
+    TRAINED_OUTSIDE_FORWARD: ClassVar[tuple[str, ...]] = ("nat2.",)
 
     def __init__(self, *args, codebook_size: int = 8192, nat2: Mapping | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -170,6 +180,11 @@ class GLARENATNet(_LatentNATMixin, GLARENet):
     uncertainty map, so ``nat3.enable`` with ``nat2`` absent or ``nat2.enable: false`` keeps a ``nat2`` module for
     the uncertainty only (its refiner is not applied).
     """
+
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {**GLARENATFlowNet.TINY, "nat3": DecoderNAT.TINY["options"]}
+    #: NAT-II learns from its masked-token loss; its hard codes pass no gradient to the decoders
+    TRAINED_OUTSIDE_FORWARD: ClassVar[tuple[str, ...]] = ("nat2.",)
 
     def __init__(
         self,

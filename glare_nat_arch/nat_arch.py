@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,16 @@ class LatentNAT(MaskedDecoding, nn.Module):
         chunk: positions per distance block in the codebook search (memory ``chunk x K`` floats).
         head_chunk: query rows per MLM-head block in :meth:`refine` (memory ``head_chunk x K`` floats).
     """
+
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {
+        "codebook_size": 16,
+        "cond_channels": 8,
+        "options": {
+            "model": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0},
+            "uncertainty": {"knn": 8, "dist_temp": 1.0, "tau": 0.5},
+        },
+    }
 
     def __init__(
         self,

@@ -7,12 +7,12 @@ prefixes are dropped (see :data:`VQGAN_UNUSED_PREFIXES` and :func:`glare_nat_mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
-from glare_nat_arch.blocks import Decoder, Encoder, VQGANSize
+from glare_nat_arch.blocks import TINY_SIZE, Decoder, Encoder, VQGANSize
 from glare_nat_arch.quantize import VectorQuantizer
 
 __all__ = ["GLAREVQGAN", "VQGAN_UNUSED_PREFIXES"]
@@ -34,29 +34,26 @@ class GLAREVQGAN(nn.Module):
     Shapes for an image (B, 3, H, W): latent / quant (B, embed_dim, H/f, W/f), indices (B, H/f, W/f).
     """
 
+    #: keyword arguments of a small instance (tests build every registered network from its ``TINY``)
+    TINY: ClassVar[dict[str, Any]] = {**TINY_SIZE, "n_embed": 16}
+
     def __init__(
         self,
         in_channels: int = 3,
         out_ch: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (64,),
-        resolution: int = 256,
-        z_channels: int = 3,
         embed_dim: int = 3,
         n_embed: int = 8192,
         beta: float = 0.25,
-        dropout: float = 0.0,
+        **size: Any,
     ):
         super().__init__()
-        size = VQGANSize(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        size = VQGANSize.from_options(type(self).__name__, **size)
         self.downscale = size.downscale
         self.encoder = Encoder(size, in_channels=in_channels)
         self.decoder = Decoder(size, out_ch=out_ch)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta)
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.quant_conv = nn.Conv2d(size.z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, size.z_channels, 1)
 
     def encode(self, x: Tensor) -> Tensor:
         """Pre-quantisation latent ``quant_conv(encoder(x))``: (B, 3, H, W) -> (B, embed_dim, h, w)."""

@@ -137,7 +137,6 @@ class GLAREBaseModel(CheckpointMethods, SRModel):
             raise ValueError(f"option train.nonfinite: expected 'raise' or 'skip', got {self.nonfinite_mode!r}")
         self.skipped_steps = 0
         self.frozen_modules: list[nn.Module] = []
-        self.frozen_params: list[nn.Parameter] = []
         self._scalers: dict[str, torch.amp.GradScaler] = {}
         self.log_dict: OrderedDict = OrderedDict()
 
@@ -268,22 +267,9 @@ class GLAREBaseModel(CheckpointMethods, SRModel):
         self.frozen_modules.append(self.get_bare_model(net))
         return net
 
-    def freeze_unused_parameters(self, prefixes: Iterable[str]) -> int:
-        """``requires_grad=False`` on ``net_g`` parameters under ``prefixes`` that no forward pass uses.
-
-        The official checkpoints store such never-called weights (kept for strict loading); leaving them trainable
-        would only make DistributedDataParallel wait for gradients that never come. Returns the tensor count.
-        """
-        prefixes = tuple(prefixes)
-        found = [p for n, p in self.get_bare_model(self.net_g).named_parameters() if n.startswith(prefixes)]
-        for p in found:
-            p.requires_grad_(False)
-        self.frozen_params.extend(found)
-        return len(found)
-
     def check_frozen_not_optimized(self) -> None:
         """Raise if a parameter of a frozen module (or any parameter without ``requires_grad``) is in an optimizer."""
-        frozen_ids = {id(p) for m in self.frozen_modules for p in m.parameters()} | {id(p) for p in self.frozen_params}
+        frozen_ids = {id(p) for m in self.frozen_modules for p in m.parameters()}
         for i, opt in enumerate(self.optimizers):
             for group in opt.param_groups:
                 for p in group["params"]:

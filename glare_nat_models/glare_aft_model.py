@@ -31,12 +31,10 @@ from torch import nn
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 
-__all__ = ["GLAREAFTModel", "STAGE2_PREFIXES", "UNUSED_PREFIXES"]
+__all__ = ["GLAREAFTModel", "STAGE2_PREFIXES"]
 
 #: Parts of ``GLARENet`` that a Stage-II checkpoint provides (and that Stage III keeps frozen).
 STAGE2_PREFIXES = ("RRDB.", "flowUpsamplerNet.")
-#: Never-called parameters of the official ``D_MF`` layout (kept for strict loading of ``net_G.pth``): frozen.
-UNUSED_PREFIXES = tuple(f"deformable_decoder.{n}." for n in ("conv_out", "scale", "bias", "enc"))
 
 
 @MODEL_REGISTRY.register()
@@ -62,7 +60,6 @@ class GLAREAFTModel(GLAREBaseModel):
             )
         bare = self.get_bare_model(self.net_g)
         self.freeze(bare.RRDB, bare.flowUpsamplerNet)
-        self.freeze_unused_parameters(UNUSED_PREFIXES)
 
     def init_training_settings(self) -> None:
         self.setup_ema()

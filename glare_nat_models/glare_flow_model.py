@@ -83,12 +83,8 @@ def setup_frozen_vqgan(model: GLAREBaseModel) -> nn.Module:
 class GLAREFlowModel(GLAREBaseModel):
     """Stage-II training of ``GLAREFlowNet`` against a frozen VQGAN (see the module docstring)."""
 
-    #: Parameters of the official layout that no forward pass uses (frozen; see ``freeze_unused_parameters``).
-    UNUSED_PREFIXES: tuple[str, ...] = ("flowUpsamplerNet.f.",)
-
     def build_aux_networks(self) -> None:
         self.net_vq = setup_frozen_vqgan(self)
-        self.freeze_unused_parameters(self.UNUSED_PREFIXES)
 
     def init_training_settings(self) -> None:
         train_opt = self.opt["train"]

@@ -42,12 +42,40 @@ def _latent(net: nn.Module) -> Tensor:
         return _vqgan().encode(_image(2))
 
 
+GRID = 8  # latent / feature grid of the NAT parts
+
+
+def _grid(net: nn.Module, channels: int, seed: int) -> Tensor:
+    return torch.rand(BATCH, channels, GRID, GRID, generator=torch.Generator().manual_seed(seed))
+
+
+def _tokens(net: nn.Module) -> Tensor:
+    """Codes ``0..K-1`` with the [MASK] id ``K`` at the query positions (as in training)."""
+    codes = torch.randint(0, net.codebook_size, (BATCH, GRID, GRID), generator=torch.Generator().manual_seed(4))
+    return torch.where(_query_mask(net), torch.full_like(codes, net.mask_token_id), codes)
+
+
+def _query_mask(net: nn.Module) -> Tensor:
+    return torch.rand(BATCH, GRID, GRID, generator=torch.Generator().manual_seed(5)) < 0.4
+
+
 #: Required forward arguments by name -> a builder taking the network under test.
 INPUTS: dict[str, Callable[[nn.Module], Any]] = {
     "x": lambda net: _image(0),
     "lq": lambda net: _image(0),
     "vqgan": lambda net: _vqgan(),
     "gt_latent": _latent,
+    # LatentNAT (forward = logits at the query positions)
+    "tokens": _tokens,
+    "query_mask": _query_mask,
+    "x_hat": lambda net: _grid(net, net.code_dim, 6),
+    "color_map": lambda net: _grid(net, net.code_dim, 7),
+    "cond": lambda net: _grid(net, net.cond_channels, 8),
+    "entropy": lambda net: _grid(net, 1, 9)[:, 0],
+    # DecoderNAT
+    "h": lambda net: _grid(net, net.in_channels, 10),
+    "cond_feat": lambda net: _grid(net, net.cond_channels, 11),
+    "uncertainty": lambda net: _grid(net, 1, 12)[:, 0],
 }
 
 
