@@ -207,17 +207,13 @@ class LatentNAT(MaskedDecoding, nn.Module):
         return self.cond_proj(torch.cat([x_hat, color_map.to(x_hat.dtype), cond.to(x_hat.dtype), ent], dim=1))
 
     def _tokens(
-        self,
-        tokens: Tensor,
-        x_hat: Tensor,
-        color_map: Tensor,
-        cond: Tensor,
-        entropy: Tensor,
-        cond_feat: Tensor | None = None,
+        self, tokens: Tensor, *flow: Tensor, cond_feat: Tensor | None = None
     ) -> tuple[Tensor, tuple[int, int], Tensor | None]:
         """Embedded, merged tokens ``B x (h' w') x dim`` with position embedding, the merged grid ``(h', w')`` and,
-        for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None). ``cond_feat``: a
-        precomputed :meth:`cond_features` (token-independent only, i.e. without ``mask_hides_latent``)."""
+        for ``cond_mode='adaln'``, the merged conditioning ``B x (h' w') x dim`` (else None). ``flow``: ``x_hat``,
+        ``color_map``, ``cond``, ``entropy`` as :meth:`features` takes them; ``cond_feat``: a precomputed
+        :meth:`cond_features` (token-independent only, i.e. without ``mask_hides_latent``)."""
+        x_hat, color_map, cond, entropy = flow
         if cond_feat is None:
             c = self.cond_features(x_hat, color_map, cond, entropy, tokens)
         elif self.mask_hides_latent:
@@ -279,7 +275,7 @@ class LatentNAT(MaskedDecoding, nn.Module):
         to float rounding). ``cond_feat``: :meth:`cond_features` computed once by the caller (same values).
         """
         b, h, w = tokens.shape
-        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy, cond_feat)
+        x, (hm, wm), ctok = self._tokens(tokens, x_hat, color_map, cond, entropy, cond_feat=cond_feat)
         m = self.merge
         padded = F.pad(query_mask, (0, wm * m - w, 0, hm * m - h))
         # B x N': the merged tokens whose m x m positions hold a query

@@ -13,7 +13,8 @@ Four frozen dataclasses own every NAT knob and its default:
 range and choice values that are not implemented are collected and raised together as one
 :class:`NATOptionsError` naming each full option key (``network_g.nat2.decode.iters``). :func:`nat_option_problems`
 runs the same checks over a whole option tree for the launchers' preflight, before BasicSR creates any folder.
-:func:`options_table` renders the docs/nat.md tables from the field metadata (a test keeps the docs in sync).
+:func:`leaves` lists every key with its field metadata (default, meaning), from which a test renders and checks the
+docs/nat.md tables.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ __all__ = [
     "NAT3Options",
     "NAT2TrainOptions",
     "NAT3TrainOptions",
-    "NAT_KNOB_LOCATIONS",
     "parse_options",
     "parse_network_options",
     "collect_options",
     "nat_option_problems",
     "explicit_value",
-    "options_table",
+    "leaves",
 ]
 
 #: ``model.cond_mode`` values (docs/nat.md "Token embedding and conditioning").
@@ -90,12 +90,18 @@ class NAT2Grid:
 
 
 @dataclass(frozen=True)
-class NAT2Model:
-    """``network_g.nat2.model``: the transformer."""
+class TransformerSize:
+    """The size keys both NATs' ``model`` blocks share."""
 
     dim: int = knob(384, "transformer width", low=1)
     depth: int = knob(6, "transformer blocks", low=1)
     heads: int = knob(6, "attention heads (must divide `dim`)", low=1)
+
+
+@dataclass(frozen=True)
+class NAT2Model(TransformerSize):
+    """``network_g.nat2.model``: the transformer."""
+
     mlp_ratio: float = knob(4.0, "MLP hidden width / `dim`", low=0)
     dropout: float = knob(0.1, "dropout in training", low=0, high=1)
     uvit_skips: bool = knob(False, "U-ViT long skips: block `i`'s output is concatenated into its mirror block")
@@ -209,12 +215,10 @@ class NAT2Options:
 
 # --------------------------------------------------------------------------------------------- network_g.nat3
 @dataclass(frozen=True)
-class NAT3Model:
+class NAT3Model(TransformerSize):
     """``network_g.nat3.model``: the transformer."""
 
-    dim: int = knob(384, "transformer width", low=1)
     depth: int = knob(4, "transformer blocks", low=1)
-    heads: int = knob(6, "attention heads (must divide `dim`)", low=1)
     patch: int = knob(2, "patch side", low=1)
 
 
@@ -447,7 +451,7 @@ def explicit_value(value: float | str | None) -> float | None:
     return float(value)
 
 
-# ------------------------------------------------------------------------------------------------ docs
+# ----------------------------------------------------------------------------------------------- leaves
 def leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
     """``(dotted key, field)`` of every leaf of a schema dataclass, in declaration order."""
     out = []
@@ -457,42 +461,3 @@ def leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
         else:
             out.append((f"{prefix}{f.name}", f))
     return out
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "`~`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, str):
-        return f"`{value}`"
-    return str(value)
-
-
-def options_table(cls: type) -> str:
-    """The docs/nat.md table (``| key | default | what it does |``) of a schema dataclass."""
-    rows = ["| key | default | what it does |", "|---|---|---|"]
-    rows += [f"| `{key}` | {_shown(f.default)} | {f.metadata['doc']} |" for key, f in leaves(cls)]
-    return "\n".join(rows)
-
-
-def _spec_knobs(block: str, cls: type, yaml_prefix: str) -> dict[str, str]:
-    return {f"{block}.{key}": f"{yaml_prefix}.{key}" for key, _ in leaves(cls)}
-
-
-#: docs/nat.md design knob -> its YAML key (``network_g.*`` for the networks, ``train.*`` / ``datasets.*`` for
-#: training; the optimiser knobs of ``nat2.train`` map to BasicSR's own keys so that they are not duplicated).
-NAT_KNOB_LOCATIONS: dict[str, str] = {
-    **_spec_knobs("nat2", NAT2Options, "network_g.nat2"),
-    **{f"nat2.train.{k}": f"train.nat2.{k}" for k, _ in leaves(NAT2TrainOptions) if not k.startswith("calib_")},
-    "nat2.train.lr": "train.optim_g.lr",
-    "nat2.train.wd": "train.optim_g.weight_decay",
-    "nat2.train.betas": "train.optim_g.betas",
-    "nat2.train.warmup": "train.warmup_iter",
-    "nat2.train.steps": "train.total_iter",
-    "nat2.train.ema": "train.ema_decay",
-    "nat2.train.batch": "datasets.train.total_batch_size",
-    **_spec_knobs("nat3", NAT3Options, "network_g.nat3"),
-    "nat3.mask.train_random_r_max": "train.nat3.train_random_r_max",
-    "nat3.lambda_mfm": "train.nat3.lambda_mfm",
-}

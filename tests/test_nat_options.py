@@ -22,17 +22,16 @@ from glare_nat_arch.glare_arch import GLARENet
 from glare_nat_arch.glare_nat_arch import GLARE_PREFIXES, GLARENATNet
 from glare_nat_arch.nat_arch import LatentNAT
 from glare_nat_arch.nat_options import (
-    NAT_KNOB_LOCATIONS,
     NAT2Options,
     NAT2TrainOptions,
     NAT3Options,
     NAT3TrainOptions,
     NATOptionsError,
     nat_option_problems,
-    options_table,
     parse_options,
 )
 from tests.nat_model_helpers import DATA, ROOT, flatten, lookup, read_yaml
+from tests.nat_options_docs import NAT_KNOB_LOCATIONS, options_table
 
 #: docs/nat.md "Options", verbatim (the documented defaults).
 SPEC_61 = """
