@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from glare_nat_arch.nat_head import nan_or
 from glare_nat_arch.nat_options import NAT3Options, explicit_value, parse_options
 from glare_nat_arch.nat_uncertainty import initial_mask, quantile
+from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_arch.transformer import TransformerStack, init_transformer_weights, sincos_pos_embed_2d
 
 __all__ = ["DecoderNAT"]
@@ -85,13 +86,13 @@ class DecoderNAT(nn.Module):
         if value is not None:
             self.tau3.fill_(value)
 
-    def _pad(self, x: Tensor) -> Tensor:
-        ph, pw = (-x.shape[-2]) % self.patch, (-x.shape[-1]) % self.patch
-        return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+    def _padded(self, x: Tensor) -> Tensor:
+        """Replicate-pad (B, C, H, W) at the bottom / right to multiples of ``patch``."""
+        return pad_to_multiple(x, self.patch, "replicate")[0]
 
     def patch_uncertainty(self, uncertainty: Tensor) -> Tensor:
         """Mean of ``U`` (``B x h x w``) over each patch: ``B x ceil(h/p) x ceil(w/p)``."""
-        return F.avg_pool2d(self._pad(uncertainty[:, None].float()), self.patch)[:, 0]
+        return F.avg_pool2d(self._padded(uncertainty[:, None].float()), self.patch)[:, 0]
 
     def patch_mask(self, uncertainty: Tensor) -> Tensor:
         """``m_j = [u_j > tau3]`` capped at ``rho3_max`` of the patches: bool ``B x h_p x w_p``."""
@@ -145,11 +146,11 @@ class DecoderNAT(nn.Module):
             )
 
         patchify = "b c (hp dy) (wp dx) -> b (hp wp) (c dy dx)"  # the pixel_unshuffle channel order
-        tok = rearrange(self._pad(h), patchify, dy=p, dx=p)  # B x N x C p^2
+        tok = rearrange(self._padded(h), patchify, dy=p, dx=p)  # B x N x C p^2
         x = self.patch_embed(tok)
         x = torch.where(mask.reshape(b, -1, 1), self.mask_emb.to(x.dtype), x)
         cu = torch.cat([cond_feat.to(h.dtype), uncertainty[:, None].to(h.dtype)], dim=1)
-        x = x + self.cond_embed(rearrange(self._pad(cu), patchify, dy=p, dx=p))
+        x = x + self.cond_embed(rearrange(self._padded(cu), patchify, dy=p, dx=p))
         x = x + sincos_pos_embed_2d(hp, wp, x.shape[-1], x.device, x.dtype)
         x = self.out(self.body(x, (hp, wp)))  # B x N x C p^2
         delta = rearrange(x, "b (hp wp) (c dy dx) -> b c (hp dy) (wp dx)", hp=hp, dy=p, dx=p)[:, :, :hh, :ww]

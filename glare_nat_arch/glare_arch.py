@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import Tensor, nn
 
@@ -22,44 +21,12 @@ from glare_nat_arch.blocks import OFFICIAL_SIZE, TINY_SIZE, Encoder, VQGANSize
 from glare_nat_arch.flow import LatentFlow, flow_nll, gaussian_logp
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 
-__all__ = ["log_transform", "pad_to_multiple", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
+__all__ = ["log_transform", "ConditionEncoder", "GLAREFlowNet", "GLARENet"]
 
 
 def log_transform(x: Tensor) -> Tensor:
     """Official low-light preprocessing ``log(clamp(x + 1e-3, min=1e-3))`` for x in [0, 1] (range about [-6.9, 0])."""
     return torch.log(torch.clamp(x + 1e-3, min=1e-3))
-
-
-def pad_to_multiple(
-    x: Tensor, multiple: int, mode: str = "reflect", border: tuple[int, int] = (0, 0)
-) -> tuple[Tensor, tuple[int, int]]:
-    """The one padding of an image before a network: (B, C, H, W) -> (B, C, H', W') with H', W' multiples of
-    ``multiple``, in one ``F.pad``.
-
-    Args:
-        x: ``(B, C, H, W)`` tensor.
-        multiple: required divisor of the padded H and W (``1`` = only the border).
-        mode: ``F.pad`` mode; ``'reflect'`` falls back to ``'replicate'`` when a side is too short to reflect
-            (reflection needs pad < size).
-        border: ``(bottom, left)`` pixels added first (the official test scripts reflect-pad 20 px at the bottom and
-            left, ``val.extra_pad``); the rest of the padding goes to the bottom and right.
-
-    Returns:
-        ``(x_pad, (H, W))``: the original image is ``x_pad[..., :H, left : left + W]``.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"pad_to_multiple expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    h, w = x.shape[-2:]
-    bottom, left = (int(v) for v in border)
-    bottom += (-(h + bottom)) % multiple
-    right = (-(w + left)) % multiple
-    if bottom == 0 and left == 0 and right == 0:
-        return x, (h, w)
-    if mode == "reflect" and (bottom >= h or max(left, right) >= w):
-        mode = "replicate"
-    return F.pad(x, (left, right, 0, bottom), mode=mode), (h, w)
 
 
 class ConditionEncoder(nn.Module):
@@ -145,7 +112,7 @@ class GLAREFlowNet(nn.Module):
         if h % self.downscale or w % self.downscale:
             raise ValueError(
                 f"{type(self).__name__}: H, W = {h}, {w} must be multiples of {self.downscale} "
-                "(pad first with glare_nat_arch.glare_arch.pad_to_multiple; the models' test() does)"
+                "(pad first with glare_nat_arch.padding.pad_to_multiple; the models' test() does)"
             )
 
     def condition(self, lq: Tensor) -> dict[str, Tensor | list[Tensor]]:
@@ -212,7 +179,7 @@ class GLAREFlowNet(nn.Module):
 
     def enhance(self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False) -> Tensor | dict[str, Any]:
         """Stage-II enhancement: ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
-        :func:`pad_to_multiple`) -> raw RGB (B, 3, H, W) of the frozen VQGAN decoder.
+        :func:`~glare_nat_arch.padding.pad_to_multiple`) -> raw RGB (B, 3, H, W) of the frozen VQGAN decoder.
 
         Path: log -> ``E_c`` -> reverse flow -> :meth:`refine_latent` -> quantise -> ``D_NL``. With
         ``return_intermediates`` a dict: ``output``, ``z_hat``, ``cond``, ``color_map`` and the
@@ -275,7 +242,7 @@ class GLARENet(GLAREFlowNet):
         self, lq: Tensor, vqgan: GLAREVQGAN, return_intermediates: bool = False, **options
     ) -> Tensor | dict[str, Tensor]:
         """Enhance ``lq`` (B, 3, H, W) in [0, 1], H and W multiples of :attr:`downscale` (pad first:
-        :func:`pad_to_multiple`; the models' ``test()`` does).
+        :func:`~glare_nat_arch.padding.pad_to_multiple`; the models' ``test()`` does).
 
         Path: log -> ``E_c`` -> reverse flow (``z_hat``) -> latent hook :meth:`refine_latent` -> frozen VQGAN
         quantise + ``D_NL`` features ``[n1, n0]`` (its RGB only with ``return_intermediates``) ->

@@ -33,6 +33,7 @@ from glare_nat_arch.nat_uncertainty import (
     quantile,
     sample_train_mask,
 )
+from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_arch.transformer import TransformerStack, init_transformer_weights, sincos_pos_embed_2d
 
 __all__ = ["LatentNAT", "XATTN_POOL"]
@@ -225,7 +226,7 @@ class LatentNAT(MaskedDecoding, nn.Module):
         if self.cond_mode == "additive":
             e = e + c.permute(0, 2, 3, 1)
         e = self.embed_drop(self.embed_norm(e)).permute(0, 3, 1, 2)  # B x d x h x w
-        m = self.merge_conv(self._pad_to_merge(e))  # B x d x h' x w'
+        m = self.merge_conv(pad_to_multiple(e, self.merge, "replicate")[0])  # B x d x h' x w'
         hm, wm = m.shape[-2:]
         x = rearrange(m, "b d h w -> b (h w) d")
         if "sincos2d" in self.pos.split("+"):
@@ -233,16 +234,15 @@ class LatentNAT(MaskedDecoding, nn.Module):
         if self.cond_mode == "additive":
             return x, (hm, wm), None
         if self.cond_mode == "adaln":
-            return x, (hm, wm), rearrange(self.cond_merge(self._pad_to_merge(c)), "b d h w -> b (h w) d")
+            return (
+                x,
+                (hm, wm),
+                rearrange(self.cond_merge(pad_to_multiple(c, self.merge, "replicate")[0]), "b d h w -> b (h w) d"),
+            )
         ctx = F.avg_pool2d(c, XATTN_POOL, ceil_mode=True)  # B x d x h/4 x w/4: the low-light context set
         hc, wc = ctx.shape[-2:]
         ctx = rearrange(ctx, "b d h w -> b (h w) d") + sincos_pos_embed_2d(hc, wc, ctx.shape[1], ctx.device, ctx.dtype)
         return x, (hm, wm), ctx
-
-    def _pad_to_merge(self, t: Tensor) -> Tensor:
-        """Replicate-pad ``B x C x h x w`` at the bottom / right to multiples of ``merge``."""
-        ph, pw = (-t.shape[-2]) % self.merge, (-t.shape[-1]) % self.merge
-        return F.pad(t, (0, pw, 0, ph), mode="replicate") if ph or pw else t
 
     def features(self, tokens: Tensor, x_hat: Tensor, color_map: Tensor, cond: Tensor, entropy: Tensor) -> Tensor:
         """Per-position hidden states ``B x h x w x dim`` (before the MLM head).

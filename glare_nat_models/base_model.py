@@ -46,7 +46,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 from tqdm import tqdm
 
-from glare_nat_arch.glare_arch import pad_to_multiple
+from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_models.model_checkpoints import CheckpointMethods
 
 __all__ = ["GLAREBaseModel", "keep_in_eval", "freeze_module", "image_loss"]
@@ -407,7 +407,7 @@ class GLAREBaseModel(CheckpointMethods, SRModel):
     def pad_for_test(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Reflect-pad (B,C,H,W) by ``val.extra_pad`` ([bottom, left]), then up to a multiple of
         ``lcm(val.pad_multiple, required_multiple())`` (bottom / right): the one padding before the network
-        (:func:`~glare_nat_arch.glare_arch.pad_to_multiple`; the networks do not pad).
+        (:func:`~glare_nat_arch.padding.pad_to_multiple`; the networks do not pad).
 
         Returns the padded tensor and the crop ``(top, height, left, width)`` that restores the original frame.
         """

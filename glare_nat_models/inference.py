@@ -1,6 +1,6 @@
 """Inference building blocks shared by the ``enhance`` and ``benchmark`` CLIs.
 
-* :func:`pad_to_multiple` (:func:`glare_nat_arch.glare_arch.pad_to_multiple`, the one padding) / :func:`crop_to`:
+* :func:`pad_to_multiple` (:func:`glare_nat_arch.padding.pad_to_multiple`, the one padding) / :func:`crop_to`:
   any image size in, the same size out (networks need H, W % 4 == 0). Models that pad in their own ``test()``
   (the glare-nat models) get the image unpadded: each network input is padded exactly once.
 * :func:`tiled_forward`: overlapping tiles with a cosine cross-fade, batched over tiles, for images too large
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import glare_nat_arch  # noqa: F401  (BasicSR import aliases before basicsr)
-from glare_nat_arch.glare_arch import pad_to_multiple
+from glare_nat_arch.padding import pad_to_multiple
 
 __all__ = [
     "pad_to_multiple",

@@ -55,11 +55,11 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import Tensor, nn
 
-from glare_nat_arch.glare_arch import pad_to_multiple
 from glare_nat_arch.glare_nat_arch import GLARE_PREFIXES, NAT_PREFIXES, GLARENATFlowNet, GLARENATNet, vqgan_codebook
 from glare_nat_arch.nat_head import masked_ce_loss
 from glare_nat_arch.nat_options import NAT2TrainOptions, NAT3TrainOptions, parse_options
 from glare_nat_arch.nat_uncertainty import sample_train_mask
+from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan

@@ -14,7 +14,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 import glare_nat_arch  # noqa: F401  (BasicSR import aliases first)
 from glare_nat_arch.aft import MultiScaleDecoder
-from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, log_transform, pad_to_multiple
+from glare_nat_arch.glare_arch import GLAREFlowNet, GLARENet, log_transform
+from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_arch.vqgan_arch import GLAREVQGAN
 from glare_nat_models.checkpoint import StrictLoadError, from_official, load_official
 from tests.conftest import GOLDEN_PATH, load_golden
