@@ -48,7 +48,7 @@ from perf_tools import LiveTensorBytes, mac_counter  # noqa: E402
 from perf_tools import measure as perf_measure  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-import glare_nat_arch  # noqa: E402,F401  (compat shims, registration)
+import glare_nat_arch  # noqa: E402,F401  (BasicSR import aliases, registration)
 from glare_nat_arch.glare_nat_arch import GLARENATFlowNet, GLARENATNet, vqgan_codebook  # noqa: E402
 from glare_nat_arch.vqgan_arch import GLAREVQGAN  # noqa: E402
 
@@ -60,21 +60,9 @@ OFFICIAL = {
     "nat2": {},  # docs/nat.md 'Options' defaults
     "nat3": {"enable": True},
 }
-TINY = {
-    "vq": {"ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "n_embed": 64},
-    "glare": {
-        "ch": 32,
-        "ch_mult": [1, 1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "cond_channels": 8,
-        "flow_hidden_channels": 8,
-        "flow_L": 1,
-        "flow_K": 2,
-        "flow_n_extra_steps": 1,
-        "flow_unused_f_in": 4,
-        "flow_unused_f_out": 4,
-    },
+TINY = {  # the networks' own test sizes (TINY), with a 64-code VQGAN and 32-wide NATs
+    "vq": {**GLAREVQGAN.TINY, "n_embed": 64},
+    "glare": {k: v for k, v in GLARENATFlowNet.TINY.items() if k not in ("codebook_size", "nat2")},
     "nat2": {"model": {"dim": 32, "depth": 1, "heads": 2}, "uncertainty": {"knn": 16}},
     "nat3": {"enable": True, "model": {"dim": 32, "depth": 1, "heads": 2}},
 }
