@@ -255,17 +255,19 @@ class NAT3Options:
 
 # --------------------------------------------------------------------------------------------- train.nat2 / nat3
 _CALIB_DATASET = "dataset (`datasets.<name>`) whose images calibrate the `auto` values"
+#: ``train.nat2.r_dist`` values: how the training masking ratio is drawn
+RATIO_DISTS = ("uniform", "maskgit_cos", "beta_12_3")
+
+
+def _listed(values: tuple[str, ...]) -> str:
+    return ", ".join(f"`{v}`" for v in values)
 
 
 @dataclass(frozen=True)
 class NAT2TrainOptions:
     """``train.nat2``: NAT-II training (the optimiser uses BasicSR's own keys)."""
 
-    r_dist: str = knob(
-        "uniform",
-        "masking-ratio distribution: `uniform`, `maskgit_cos`, `beta_12_3`",
-        choices=("uniform", "maskgit_cos", "beta_12_3"),
-    )
+    r_dist: str = knob("uniform", "masking-ratio distribution: " + _listed(RATIO_DISTS), choices=RATIO_DISTS)
     r_min: float = knob(0.05, "lower bound of the uniform ratio", low=0, high=1)
     r_max: float = knob(0.6, "upper bound of the uniform ratio", low=0, high=1)
     beta_entropy: float = knob(4.0, "weight of the score in the training mask (0 = uniform, `.inf` = top score)", low=0)
