@@ -14,5 +14,7 @@ if __name__ == "__main__":
         "_bootstrap"
     ]()
     from basicsr.test import test_pipeline
+    from glare_nat_models.launcher import finish_launch
 
     test_pipeline(ROOT)
+    finish_launch()

@@ -31,5 +31,7 @@ def _bootstrap() -> None:
 if __name__ == "__main__":
     _bootstrap()
     from basicsr.train import train_pipeline
+    from glare_nat_models.launcher import finish_launch
 
     train_pipeline(ROOT)
+    finish_launch()

@@ -32,7 +32,7 @@ from glare_nat_models.model_checkpoints import CheckpointMethods
 from glare_nat_models.preflight import preflight
 from glare_nat_models.rng_states import rng_neutral
 
-__all__ = ["normalise_argv", "read_option_file", "patch_basicsr", "prepare_launch"]
+__all__ = ["normalise_argv", "read_option_file", "patch_basicsr", "prepare_launch", "finish_launch"]
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -102,3 +102,14 @@ def prepare_launch(argv: list[str]) -> list[str]:
         preflight(opt_file, opt, auto_resume="--auto_resume" in argv)
     patch_basicsr(opt)
     return argv
+
+
+def finish_launch() -> None:
+    """What a launcher does after BasicSR's loop: in a distributed run, wait for every rank (rank 0 still saves and
+    validates after the others are done) and destroy the process group. A process that exits with a live gloo
+    group can abort in its communication threads ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -132,6 +132,16 @@ def one_process_group(monkeypatch, tmp_path):
         dist.destroy_process_group()
 
 
+def test_finish_launch_destroys_the_process_group(one_process_group):
+    from glare_nat_models.launcher import finish_launch
+
+    finish_launch()  # no process group: nothing to do
+    dist.init_process_group("gloo")
+    assert dist.is_initialized()
+    finish_launch()
+    assert not dist.is_initialized()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU failure of stock basicsr")
 def test_stock_init_dist_fails_on_cpu(one_process_group):
     from basicsr.utils.dist_util import _init_dist_pytorch
