@@ -4,8 +4,8 @@
   (:class:`~glare_nat_arch.nat_arch.LatentNAT`). :meth:`GLARENATFlowNet.enhance` is the Stage-II image path with the
   latent NAT: ``x_hat = flow^-1`` -> NAT-II -> frozen VQGAN decoder RGB.
 * :class:`GLARENATNet` = :class:`~glare_nat_arch.glare_arch.GLARENet` (Stage III) + ``nat2`` feeding both decoders
-  + ``nat3`` (:class:`~glare_nat_arch.nat_arch.DecoderNAT`) on ``D_MF``'s bottleneck (H/4) features right after its
-  ``mid`` block.
+  + ``nat3`` (:class:`~glare_nat_arch.decoder_nat_arch.DecoderNAT`) on ``D_MF``'s bottleneck (H/4) features right
+  after its ``mid`` block.
 
 Both plug into the one GLARE path through its hooks: the latent hook ``refine_latent`` (reverse-flow result ->
 NL-decoder input, its quantisation and the ``D_MF`` input) and ``decoder_mid_hook`` (``D_MF``'s ``mid_hook``);
