@@ -11,7 +11,7 @@ STAMP := $(VENV)/.glare-nat-installed
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint format clean-demo
+.PHONY: install demo study test test-fast lint format clean-demo clean-study
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): setup.py constraints.txt
 
 demo: install
 	$(PY) scripts/run_demo.py
+
+# The proxy study (README "Does the NAT help?"): every stage at a CPU-sized proxy, about an hour on 2 cores.
+study: install
+	$(PY) scripts/run_study.py
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -39,3 +43,6 @@ format: install
 
 clean-demo:
 	rm -rf datasets/demo_lol experiments/demo_* results/demo*
+
+clean-study:
+	rm -rf datasets/study_lol experiments/study_* results/study*

@@ -105,11 +105,27 @@ def prepare_launch(argv: list[str]) -> list[str]:
 
 
 def finish_launch() -> None:
-    """What a launcher does after BasicSR's loop: in a distributed run, wait for every rank (rank 0 still saves and
-    validates after the others are done) and destroy the process group. A process that exits with a live gloo
-    group can abort in its communication threads ("terminate called without an active exception")."""
+    """What a launcher does after BasicSR's loop. Nothing in a single-process run; in a distributed run: wait for
+    every rank (rank 0 still saves and validates after the others are done), destroy the process group, flush the
+    logs and end the process with status 0 without interpreter finalisation.
+
+    Why the last step: a ``DistributedDataParallel`` wrapper keeps the C++ gloo process group (and its worker
+    threads) alive after ``destroy_process_group``, with no Python object left to release it. The threads are then
+    torn down during interpreter finalisation, which now and then aborts the process ("terminate called without an
+    active exception", SIGABRT, no Python frame), and torchrun reports the whole run as failed although training
+    and saving finished. Everything a run writes is on disk at this point (checkpoints are written atomically and
+    BasicSR closes its TensorBoard writer), so skipping finalisation loses nothing.
+    """
+    import logging
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)

@@ -150,7 +150,7 @@ def test_docs_option_tables_are_the_schema(schema):
     )
 
 
-@pytest.mark.parametrize("folder", ["options", "options/demo", "options/official", "tests/data"])
+@pytest.mark.parametrize("folder", ["options", "options/demo", "options/official", "options/study", "tests/data"])
 def test_every_option_file_passes_the_nat_schema(folder):
     for path in sorted((ROOT / folder).glob("*.yml")):
         assert nat_option_problems(read_yaml(path)) == [], path
