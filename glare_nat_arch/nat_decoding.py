@@ -31,6 +31,7 @@ from glare_nat_arch.nat_uncertainty import (
     still_masked_counts,
     topk_mask,
 )
+from glare_nat_arch.quantize import autocast_off, squared_code_distances
 
 __all__ = ["DecodeState", "MaskedDecoding"]
 
@@ -41,8 +42,9 @@ class DecodeState:
 
     ``v``: current ids (``K`` = ``[MASK]``); ``mask``: positions still masked; ``union``: ever masked; ``soft``:
     ``B x N x code_dim`` expected codes of the committing distributions (None unless wanted); ``commit_ent``: the
-    normalised entropy of each committing distribution (None without statistics); ``masks`` / ``tokens``: the
-    ``B x h x w`` mask and ids after every executed round; ``rounds``: forward passes run.
+    normalised entropy of each committing distribution (None without statistics); ``flow``: ``B x N x code_dim``
+    flow latents for ``decode.flow_prior`` (None when it is 0); ``masks`` / ``tokens``: the ``B x h x w`` mask and
+    ids after every executed round; ``rounds``: forward passes run.
     """
 
     v: Tensor
@@ -52,6 +54,7 @@ class DecodeState:
     shape: tuple[int, int, int]
     soft: Tensor | None
     commit_ent: Tensor | None
+    flow: Tensor | None = None
     masks: list[Tensor] = field(default_factory=list)
     tokens: list[Tensor] = field(default_factory=list)
     rounds: int = 0
@@ -70,6 +73,16 @@ class MaskedDecoding:
         others = logp.scatter(1, pred[:, None], float("-inf")).amax(1)
         return chosen - others
 
+    def _with_flow_prior(self, logp: Tensor, flow_rows: Tensor, book: Tensor) -> Tensor:
+        """``log_softmax(logp + flow_prior * log p_flow)`` (``n x K``): the NAT's distribution times the flow's
+        code distribution ``p_flow = softmax(-d / dist_temp)`` over all ``K`` codes (``d``: squared distance of the
+        flow latent ``flow_rows`` (``n x code_dim``) to each code; the masking entropy uses the ``knn`` nearest).
+        Where the NAT is unsure, the code nearest to the flow latent wins; a large weight keeps the flow's codes."""
+        with autocast_off(flow_rows.device.type):
+            dist = squared_code_distances(flow_rows.float(), book, (book**2).sum(1))
+        logp_flow = torch.log_softmax(-dist / self._calibrated("dist_temp"), dim=-1)
+        return torch.log_softmax(logp + self.flow_prior * logp_flow, dim=-1)
+
     def _decode_rows(
         self,
         hidden: Tensor,
@@ -79,8 +92,11 @@ class MaskedDecoding:
         generator: torch.Generator | None,
         want_soft: bool = True,
         want_entropy: bool = True,
+        flow_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Per query row: prediction, confidence, expected code and normalised entropy of ``softmax(logits)``.
+        """Per query row: prediction, confidence, expected code and normalised entropy of ``softmax(logits)``
+        (times the flow's code distribution when ``flow_rows``, ``N_q x code_dim``, are given:
+        :meth:`_with_flow_prior`).
 
         Rows (``hidden`` ``N_q x d``) go through the MLM head ``head_chunk`` at a time, so no ``N_q x K`` tensor is
         ever built (memory: a few ``head_chunk x K`` float32 blocks). ``current`` (``N_q``) are the rows' tokens;
@@ -112,6 +128,8 @@ class MaskedDecoding:
                 work, logp = (b[: part.shape[0]] for b in bufs)
                 logits = self.head(part, table, work if part.dtype == torch.float32 else None)  # else a new block
                 logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp)
+            if flow_rows is not None:
+                logp = self._with_flow_prior(logp, flow_rows[rows], book)
             if self.sample_temp > 0:
                 pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
             else:
@@ -214,6 +232,7 @@ class MaskedDecoding:
             shape=(b, h, w),
             soft=soft,
             commit_ent=unc.score.reshape(b, h * w).clone() if stats else None,
+            flow=x_hat.flatten(2).transpose(1, 2) if self.flow_prior > 0 else None,
         )
         return state, unc
 
@@ -249,6 +268,7 @@ class MaskedDecoding:
             generator,
             want_soft=state.soft is not None,
             want_entropy=stats or self.remask_rule == "threshold",
+            flow_rows=None if state.flow is None else state.flow[query],
         )
         new_mask = self.still_masked(state, query, conf, ent_q, t, t_exec, generator)
         self.commit(state, query, pred, new_mask, soft_q, ent_q)

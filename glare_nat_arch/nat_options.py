@@ -168,6 +168,12 @@ class NAT2Decode:
     early_stop: int | None = knob(
         None, "stop after this round, committing everything (`~` = run all `T`)", _OPT_INT, low=1
     )
+    flow_prior: float = knob(
+        0.0,
+        "weight `lambda` of the flow's code distribution in the prediction: `log p_NAT + lambda log p_flow` "
+        "(0 = the NAT alone; large = keep the flow's codes)",
+        low=0,
+    )
 
     @property
     def ratios(self) -> str | list[float]:

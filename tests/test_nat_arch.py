@@ -189,6 +189,29 @@ def test_remask_scope_all_may_revise_committed_tokens():
     assert sizes == sorted(sizes, reverse=True)
 
 
+def test_flow_prior_moves_the_masked_codes_towards_the_flows():
+    """``decode.flow_prior``: 0 leaves the NAT's codes; a large weight keeps the flow's codes at every masked
+    position (also under revision); in between, the NAT overrides the flow only where it is more confident."""
+    x_hat, codebook, color_map, cond = inputs()
+    plain = tiny_latent_nat().refine(x_hat, codebook, color_map, cond)
+    m0 = plain["mask_init"]
+    assert m0.any() and (plain["codes"] != plain["codes_init"])[m0].any()  # the NAT alone changes masked codes
+    zero = tiny_latent_nat(flow_prior=0.0).refine(x_hat, codebook, color_map, cond)
+    assert torch.equal(zero["codes"], plain["codes"])
+    for scope in ("new_only", "all"):
+        strong = tiny_latent_nat(flow_prior=1e4, remask_scope=scope).refine(x_hat, codebook, color_map, cond)
+        assert torch.equal(strong["codes"], strong["codes_init"]), scope
+    changed = [
+        int(
+            (tiny_latent_nat(flow_prior=lam).refine(x_hat, codebook, color_map, cond)["codes"] != plain["codes_init"])[
+                m0
+            ].sum()
+        )
+        for lam in (0.0, 0.1, 1.0, 10.0)
+    ]
+    assert changed == sorted(changed, reverse=True) and changed[0] > changed[-1], changed
+
+
 def test_early_stop_and_soft_feedback():
     x_hat, codebook, color_map, cond = inputs()
     one = tiny_latent_nat(early_stop=1).refine(x_hat, codebook, color_map, cond)
