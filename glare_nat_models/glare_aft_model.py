@@ -10,6 +10,12 @@ mis-shaped key raises unless ``strict_load_stage2: false``), the frozen VQGAN co
 (``deformable_decoder.{conv_out,scale,bias,enc}``, ``flowUpsamplerNet.f``) are frozen too (they get no gradient
 anyway; this keeps DistributedDataParallel from waiting for them).
 
+``train.mf_init`` (training only, before ``pretrain_network_g`` and resume states, which win): ``random`` (default,
+official) leaves ``D_MF`` as built; ``nl_decoder`` copies the frozen VQGAN decoder's weights into ``D_MF``'s
+backbone (``conv_in``, ``mid``, ``up``, ``norm_out``: the same layout) and its ``conv_out`` into the output head
+``residual_conv``, so ``D_MF`` starts as ``D_NL`` applied to the continuous flow output and the fusion layers learn
+from there: a shortcut for short trainings (``options/study/``), not the official recipe.
+
 Loss, on ``y_hat = clamp(GLARENet(lq), 0, 1)`` (official clamp before the losses)::
 
     L = pixel_opt (L1, 1) + perceptual_opt (VGG16PerceptualLoss, 0.01) + msssim_opt (MSSSIMLoss = 1 - MS-SSIM, 0.2)
@@ -25,16 +31,35 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 
-__all__ = ["GLAREAFTModel", "STAGE2_PREFIXES"]
+__all__ = ["GLAREAFTModel", "STAGE2_PREFIXES", "init_mf_decoder"]
 
 #: Parts of ``GLARENet`` that a Stage-II checkpoint provides (and that Stage III keeps frozen).
 STAGE2_PREFIXES = ("RRDB.", "flowUpsamplerNet.")
+
+
+def init_mf_decoder(mf: nn.Module, vq: nn.Module, mode: str) -> None:
+    """``train.mf_init`` (module docstring): ``random`` does nothing; ``nl_decoder`` copies ``vq.decoder`` into
+    ``mf`` (every decoder tensor must have its same-shaped counterpart, else ValueError naming it)."""
+    if mode == "random":
+        return
+    if mode != "nl_decoder":
+        raise ValueError(f"train.mf_init = {mode!r}: expected 'random' or 'nl_decoder'")
+    source = vq.decoder.state_dict()
+    target = mf.state_dict()
+    pairs = {k: k for k in source if not k.startswith("conv_out.")}
+    pairs.update({f"conv_out.{p}": f"residual_conv.{p}" for p in ("weight", "bias")})
+    bad = [k for k, t in pairs.items() if t not in target or target[t].shape != source[k].shape]
+    if bad:
+        raise ValueError(f"train.mf_init = 'nl_decoder': D_MF has no same-shaped counterpart of VQGAN decoder {bad}")
+    mf.load_state_dict({t: source[k] for k, t in pairs.items()}, strict=False)
+    get_root_logger().info(f"D_MF initialised from the VQGAN decoder ({len(pairs)} tensors, train.mf_init).")
 
 
 @MODEL_REGISTRY.register()
@@ -60,6 +85,8 @@ class GLAREAFTModel(GLAREBaseModel):
             )
         bare = self.get_bare_model(self.net_g)
         self.freeze(bare.RRDB, bare.flowUpsamplerNet)
+        if self.is_train:
+            init_mf_decoder(bare.deformable_decoder, self.net_vq, self.opt["train"].get("mf_init", "random"))
 
     def init_training_settings(self) -> None:
         self.setup_ema()

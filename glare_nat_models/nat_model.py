@@ -61,7 +61,7 @@ from glare_nat_arch.nat_options import NAT2TrainOptions, NAT3TrainOptions, parse
 from glare_nat_arch.nat_uncertainty import sample_train_mask
 from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
-from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel
+from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel, init_mf_decoder
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 from glare_nat_models.nat_stats import NATValStats, write_nat_stats
 
@@ -411,6 +411,8 @@ class GLARENATAFTModel(_NATModelMixin, GLAREAFTModel):
             )
         frozen = [bare.RRDB, bare.flowUpsamplerNet] + ([bare.nat2] if bare.nat2 is not None else [])
         self.freeze(*frozen)
+        if self.is_train and not loaded[1]:  # D_MF not from a Stage-III file: train.mf_init decides
+            init_mf_decoder(bare.deformable_decoder, self.net_vq, self.opt["train"].get("mf_init", "random"))
 
     def init_training_settings(self) -> None:
         self.nat3_train = parse_options(NAT3TrainOptions, self.opt["train"].get("nat3"), "train.nat3")
