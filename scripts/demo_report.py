@@ -216,7 +216,9 @@ def nat_rows(stats: dict) -> list[str]:
             f"{stats.get('psnr_nat', flow) - flow:+.2f} dB."
             + (
                 " The teacher's codes are barely better than the flow's (the small VQGAN decodes neighbouring codes "
-                "into similar patches), so at this scale the latent NAT has little to gain, whatever its accuracy."
+                "into similar patches), so at this scale the latent NAT has little to gain, whatever its accuracy. "
+                "`make study` (docs/study.md) trains a prior for which correct codes matter and measures the NAT "
+                "there."
                 if allgt - flow < 1.0
                 else ""
             )
@@ -292,3 +294,27 @@ def plot_curves(path: Path, trainings: list[tuple[str, str]], parse_losses) -> l
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [r[0] for r in runs]
+
+
+def figures(
+    out: Path, data: Path, columns: list[tuple[str, str]], trainings: list, parse_losses, note: str = ""
+) -> list[str]:
+    """Write ``grid.png`` (:func:`labelled_grid`) and ``curves.png`` (:func:`plot_curves`) into ``out``; return the
+    report's "Images" and "Training curves" sections (``note`` ends the grid's caption)."""
+    labels = labelled_grid(out / "grid.png", out, data, columns)
+    runs = plot_curves(out / "curves.png", trainings, parse_losses)
+    return [
+        "## Images",
+        "",
+        f"Each row is one test image; columns left to right: {', '.join(labels)}{note}.",
+        "",
+        "![grid](grid.png)",
+        "",
+        "## Training curves",
+        "",
+        f"Top row: the losses of each training ({', '.join(runs)}); bottom row: the other logged statistics (e.g. "
+        "`d_weight`, `code_usage`, `logdet`), on a log scale where they span decades.",
+        "",
+        "![curves](curves.png)",
+        "",
+    ]

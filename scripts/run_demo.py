@@ -231,22 +231,8 @@ def write_report(timings: list[tuple[str, float]]) -> Path:
         lines += [*R.nat_rows(json.loads(nat_stats.read_text())), ""]
     lines += extras_report()
     columns = [(GRID_LABELS.get(folder, folder), folder) for _label, folder, _opt in ROWS]
-    labels = R.labelled_grid(out / "grid.png", out, ROOT / DATA, columns)
-    runs = R.plot_curves(out / "curves.png", TRAININGS, parse_losses)
+    lines += R.figures(out, ROOT / DATA, columns, TRAININGS, parse_losses)
     lines += [
-        "## Images",
-        "",
-        f"Each row is one test image; columns left to right: {', '.join(labels)}.",
-        "",
-        "![grid](grid.png)",
-        "",
-        "## Training curves",
-        "",
-        f"Top row: the losses of each training ({', '.join(runs)}); bottom row: the other logged statistics (e.g. "
-        "`d_weight`, `code_usage`, `logdet`), on a log scale where they span decades.",
-        "",
-        "![curves](curves.png)",
-        "",
         "## Wall time of each step",
         "",
         "| step | seconds |",

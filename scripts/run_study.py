@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,8 @@ OPT = Path("options/study")
 SEEDS = (10, 11, 12)
 #: decoding rounds of Table II (network_g.nat2.decode.iters; 4 is the option files' value)
 SWEEP = "network_g.nat2.decode.iters=2,4,6"
+#: weights of decode.flow_prior measured (0 = off, the option files' value)
+FLOW_PRIORS = (0.5, 1.0, 2.0)
 #: NAT mechanisms measured from one checkpoint (seed SEEDS[0]): (benchmark folder, test option key, training jobs
 #: it needs, --sweep)
 MECHANISMS = [
@@ -52,10 +55,21 @@ MECHANISMS = [
         "network_g.nat2.decode.remask_scope=new_only,all",
     ),
     ("mech_soft_codes", "test_stage3_nat_s{s}", ("train_stage3_nat_s{s}",), "network_g.nat2.feedback.mode=hard,soft"),
+    (
+        "mech_flow_prior",
+        "test_stage2_nat_s{s}",
+        ("train_stage2_nat_s{s}",),
+        "network_g.nat2.decode.flow_prior=" + ",".join(f"{x:g}" for x in (0.0, *FLOW_PRIORS)),
+    ),
 ]
-#: NAT-II trained with [MASK] hiding the flow latent at masked positions (the refiner then sees only the
-#: conditioning there): one more training, seed SEEDS[0], against the default that shows it the flow latent
-HIDDEN = {"mask_hides_latent": True}
+#: Variants of the NAT-II option files of seed SEEDS[0]: name -> (option files, (group, key, value) under
+#: network_g.nat2). ``hidden``: [MASK] hides the flow latent at masked positions (the refiner sees only the
+#: conditioning there), one more training against the default that shows it the flow latent; ``prior<x>``: the
+#: flow's code distribution with weight x in the prediction (decode.flow_prior), the seed's own checkpoint.
+VARIANTS = {
+    "hidden": (("train_stage2_nat", "test_stage2_nat"), ("model", "mask_hides_latent", True)),
+    **{f"prior{x:g}": (("test_stage2_nat",), ("decode", "flow_prior", x)) for x in FLOW_PRIORS},
+}
 
 
 @dataclass
@@ -121,14 +135,17 @@ def write_options(smoke: bool, gen: Path) -> dict[str, Path]:
                 if isinstance(v, str) and ("study_stage2_nat/" in v or "study_stage3_nat/" in v):
                     opt["path"][k] = v.replace("_nat/", f"_nat_s{seed}/")
             put(f"{key}_s{seed}", _smoke(opt) if smoke else opt)
-            if seed == SEEDS[0] and key in ("train_stage2_nat", "test_stage2_nat"):
-                opt = yaml.safe_load(yaml.safe_dump(opt))
-                opt["name"] = opt["name"].replace("_nat_", "_nat_hidden_")
-                opt["network_g"]["nat2"]["model"].update(HIDDEN)
-                for k, v in opt["path"].items():
-                    if isinstance(v, str) and "study_stage2_nat_s" in v:
-                        opt["path"][k] = v.replace("study_stage2_nat_s", "study_stage2_nat_hidden_s")
-                put(f"{key}_hidden_s{seed}", _smoke(opt) if smoke else opt)
+            for variant, (keys, (group, knob, value)) in VARIANTS.items():
+                if seed != SEEDS[0] or key not in keys:
+                    continue
+                var = yaml.safe_load(yaml.safe_dump(opt))
+                var["name"] = var["name"].replace("_nat_", f"_nat_{variant}_")
+                var["network_g"]["nat2"].setdefault(group, {})[knob] = value
+                if "train_stage2_nat" in keys:  # a training of its own: read its checkpoint
+                    for k, v in var["path"].items():
+                        if isinstance(v, str) and "study_stage2_nat_s" in v:
+                            var["path"][k] = v.replace("study_stage2_nat_s", f"study_stage2_nat_{variant}_s")
+                put(f"{key}_{variant}_s{seed}", _smoke(var) if smoke else var)
     return files
 
 
@@ -191,6 +208,7 @@ def build_jobs(files: dict[str, Path]) -> list[Job]:
         jobs.append(bench(folder, key.format(s=s), tuple(d.format(s=s) for d in deps), "--sweep", values))
     hidden = f"stage2_nat_hidden_s{s}"
     jobs += [test(f"test_{hidden}", (f"train_{hidden}",)), bench(hidden, f"test_{hidden}", (f"train_{hidden}",))]
+    jobs += [test(f"test_stage2_nat_prior{x:g}_s{s}", (f"train_stage2_nat_s{s}",)) for x in FLOW_PRIORS]
     return jobs
 
 
@@ -200,10 +218,11 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def _last_iter(path: Path) -> str:
-    """The last ``iter: N`` of a training log, for the heartbeat."""
+    """The last ``iter: N`` of a training log (BasicSR writes ``1,000``), for the heartbeat."""
     for line in reversed(_tail(path, 200).splitlines()):
-        if "iter:" in line and "eta:" in line:
-            return line.split("iter:")[1].split(",")[0].strip()
+        found = re.search(r"iter:\s*([\d,]+)", line)
+        if found and "eta:" in line:
+            return found.group(1).replace(",", "")
     return "-"
 
 
@@ -286,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         (ROOT / OUT).mkdir(parents=True, exist_ok=True)
         done = json.loads(state.read_text()) if args.resume and state.is_file() else {}
         t0 = time.perf_counter()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = head.stdout.strip() or "unknown"
         if "data" not in done:
             cmd = [sys.executable, "scripts/make_study_data.py", "--out", str(DATA)]
             print(f"$ {' '.join(cmd)}", flush=True)
@@ -294,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         files = write_options(args.smoke, ROOT / OUT / "options")
         run_jobs(build_jobs(files), args.jobs, done, state)
         (ROOT / OUT / "run.json").write_text(
-            json.dumps({"wall_s": time.perf_counter() - t0, "jobs": args.jobs, "smoke": args.smoke}, indent=1)
+            json.dumps(
+                {"wall_s": time.perf_counter() - t0, "jobs": args.jobs, "smoke": args.smoke, "commit": commit},
+                indent=1,
+            )
         )
     import study_report
 

@@ -155,6 +155,8 @@ def stage1_validation() -> list[str]:
 MECHANISM_NOTES = {
     "mech_revision": "revision of committed tokens (`decode.remask_scope`: `new_only` = a committed token is final, "
     "`all` = every round re-predicts every token and the least confident go back under [MASK]); stage II + latent NAT",
+    "mech_flow_prior": "the flow's code distribution as a prior in the prediction (`decode.flow_prior` = lambda: "
+    "the NAT picks `argmax log p_NAT + lambda log p_flow`; 0 = the NAT alone); stage II + latent NAT",
     "mech_soft_codes": "decoding through the soft codes (`feedback.mode`: `hard` = D_MF gets the chosen codes, "
     "`soft` = the expected code under the NAT's distribution at masked positions); GLARE + both NATs, trained hard",
 }
@@ -167,6 +169,7 @@ def mechanisms(out: Path, stats: dict, seeds: tuple[int, ...]) -> list[str]:
         if not (out / folder / "results.json").is_file():
             continue
         lines += [f"{note}:", "", *sweep(out, folder, "setting"), ""]
+    lines += flow_prior_accuracy(out, stats, seeds[0])
     hidden = ROOT / "results" / f"study_test_stage2_nat_hidden_s{seeds[0]}" / "nat_val_stats_latest.json"
     if hidden.is_file() and (out / f"stage2_nat_hidden_s{seeds[0]}" / "results.json").is_file():
         h = json.loads(hidden.read_text())
@@ -187,6 +190,31 @@ def mechanisms(out: Path, stats: dict, seeds: tuple[int, ...]) -> list[str]:
             "",
         ]
     return lines
+
+
+def flow_prior_accuracy(out: Path, stats: dict, seed: int) -> list[str]:
+    """Masked-token accuracy and PSNR of stage II + latent NAT per ``decode.flow_prior`` (seed ``seed``)."""
+    from run_study import FLOW_PRIORS
+
+    found = {0.0: stats[seed]}
+    for x in FLOW_PRIORS:
+        path = ROOT / "results" / f"study_test_stage2_nat_prior{x:g}_s{seed}" / "nat_val_stats_latest.json"
+        if path.is_file():
+            found[x] = json.loads(path.read_text())
+    if len(found) == 1:
+        return []
+    lines = [
+        f"Token statistics per `flow_prior` (NAT-II seed {seed}, test photos; decoded by the VQGAN decoder):",
+        "",
+        "| flow_prior | PSNR, NAT's codes | masked-token accuracy NAT | flow | AUROC |",
+        "|---|---|---|---|---|",
+    ]
+    for x, st in found.items():
+        lines.append(
+            f"| {x:g} | {st['psnr_nat']:.2f} | {st['acc_nat_masked']:.4f} | {st['acc_flow_masked']:.4f} | "
+            f"{st['auroc_score']:.4f} |"
+        )
+    return [*lines, ""]
 
 
 def sweep(out: Path, folder: str, column: str = "T") -> list[str]:
@@ -255,8 +283,9 @@ def write_report(out: Path, seeds: tuple[int, ...]) -> Path:
         "# glare-nat proxy study",
         "",
         f"Measured by `make study` (`python scripts/run_study.py`): {R.machine()}. Wall time "
-        f"{run.get('wall_s', float('nan')):.0f} s with {run.get('jobs', '?')} jobs at a time. Other CPUs give other "
-        "digits.",
+        f"{run.get('wall_s', float('nan')):.0f} s with {run.get('jobs', '?')} jobs at a time"
+        + (f"; trained and evaluated at commit `{run['commit']}`" if "commit" in run else "")
+        + ". Other CPUs give other digits.",
         "",
     ]
     if run.get("smoke"):
@@ -322,21 +351,8 @@ def write_report(out: Path, seeds: tuple[int, ...]) -> Path:
         ("III + NAT-II", f"stage3_nat_latent_s{seeds[0]}"),
         ("III + both NATs", f"stage3_nat_s{seeds[0]}"),
     ]
-    labels = R.labelled_grid(out / "grid.png", out, DATA, columns)
-    runs = R.plot_curves(out / "curves.png", trainings, parse_losses)
+    lines += R.figures(out, DATA, columns, trainings, parse_losses, f" (NAT columns: seed {seeds[0]})")
     lines += [
-        "## Images",
-        "",
-        f"One row per test photo; columns: {', '.join(labels)} (NAT columns: seed {seeds[0]}).",
-        "",
-        "![grid](grid.png)",
-        "",
-        "## Training curves",
-        "",
-        f"Losses (top) and other logged statistics (bottom) of {', '.join(runs)}.",
-        "",
-        "![curves](curves.png)",
-        "",
         "## Wall time of each job",
         "",
         "| job | seconds |",
