@@ -225,7 +225,8 @@ def sweep(out: Path, folder: str, column: str = "T") -> list[str]:
     ]
     niqe = {r["setting"]: r["niqe"] for r in rec["results"] if r["kind"] == "unpaired"}
     for r in (r for r in rec["results"] if r["kind"] == "paired"):
-        t = r["setting"].split("=")[1] if column == "T" else f"`{r['setting'].split('.')[-1]}`"
+        key, value = r["setting"].split("=", 1)
+        t = value if column == "T" else f"`{key.split('.')[-1]}={value}`"
         lines.append(
             f"| {t} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['psnr_gtmean']:.2f} | {r['ssim_gtmean']:.4f} | "
             f"{float(niqe.get(r['setting'], 'nan')):.2f} | {r['latency_ms']:.0f} |"
