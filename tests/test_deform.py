@@ -149,13 +149,15 @@ _MEMORY_PROBE = PEAK_RSS_HELPERS + textwrap.dedent(
 
 
 def test_tapwise_peak_memory_is_a_fraction_of_the_im2col_buffer():
-    """64 x 200 x 300, 4 groups: torchvision's im2col buffer is 9 C x H x W maps (132 MiB); the tap-wise path holds
-    a few C x H x W maps at a time (one tap's samples, their product, the output, coordinates): at most 4.5 of them,
-    half the buffer (peak RSS via VmHWM in a fresh process; measured 2.4-3.6 maps on the project VM, varying with the
-    ATen kernels and the allocator; the control must see the buffer)."""
+    """64 x 200 x 300, 4 groups: torchvision's im2col buffer is 9 C x H x W maps (132 MiB); the tap-wise path keeps
+    two C x H x W maps alive (the output and one tap's samples, multiplied in place) plus coordinate maps of G x H x W.
+    Peak RSS (VmHWM in a fresh process) adds what the allocator keeps of freed per-tap blocks and BLAS workspace:
+    measured 2.4-4.6 maps on the project VM, depending on the ATen kernels (4.6 with ATEN_CPU_CAPABILITY=default).
+    Bound: 6 maps, two thirds of the buffer alone; an implementation that held every tap's samples would need 9 or
+    more. The control must see the buffer."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["im2col_mb"] >= 0.9 * res["buffer_mb"], res  # the probe sees the buffer
-    assert res["tapwise_mb"] <= 4.5 * res["buffer_mb"] / 9, res
+    assert res["tapwise_mb"] <= 6 * res["buffer_mb"] / 9, res
