@@ -314,9 +314,18 @@ def main(argv: list[str] | None = None) -> int:
             done["data"] = time.perf_counter() - t0
         files = write_options(args.smoke, ROOT / OUT / "options")
         run_jobs(build_jobs(files), args.jobs, done, state)
-        (ROOT / OUT / "run.json").write_text(
+        run_file = ROOT / OUT / "run.json"
+        before = json.loads(run_file.read_text()) if args.resume and run_file.is_file() else {}
+        if before.get("commit", commit) != commit:  # a resumed study ran at more than one commit
+            commit = f"{before['commit']}, resumed at {commit}"
+        run_file.write_text(
             json.dumps(
-                {"wall_s": time.perf_counter() - t0, "jobs": args.jobs, "smoke": args.smoke, "commit": commit},
+                {
+                    "wall_s": before.get("wall_s", 0.0) + time.perf_counter() - t0,
+                    "jobs": args.jobs,
+                    "smoke": args.smoke,
+                    "commit": commit,
+                },
                 indent=1,
             )
         )
