@@ -73,13 +73,14 @@ class MaskedDecoding:
         others = logp.scatter(1, pred[:, None], float("-inf")).amax(1)
         return chosen - others
 
-    def _with_flow_prior(self, logp: Tensor, flow_rows: Tensor, book: Tensor) -> Tensor:
+    def _with_flow_prior(self, logp: Tensor, flow_rows: Tensor, book: Tensor, book_sq: Tensor) -> Tensor:
         """``log_softmax(logp + flow_prior * log p_flow)`` (``n x K``): the NAT's distribution times the flow's
         code distribution ``p_flow = softmax(-d / dist_temp)`` over all ``K`` codes (``d``: squared distance of the
-        flow latent ``flow_rows`` (``n x code_dim``) to each code; the masking entropy uses the ``knn`` nearest).
+        flow latent ``flow_rows`` (``n x code_dim``) to each code of ``book`` (``K x code_dim``, float32; ``book_sq``
+        its squared norms); the masking entropy uses the ``knn`` nearest).
         Where the NAT is unsure, the code nearest to the flow latent wins; a large weight keeps the flow's codes."""
         with autocast_off(flow_rows.device.type):
-            dist = squared_code_distances(flow_rows.float(), book, (book**2).sum(1))
+            dist = squared_code_distances(flow_rows.float(), book, book_sq)
         logp_flow = torch.log_softmax(-dist / self._calibrated("dist_temp"), dim=-1)
         return torch.log_softmax(logp + self.flow_prior * logp_flow, dim=-1)
 
@@ -107,6 +108,7 @@ class MaskedDecoding:
         """
         table = self.tok_emb.weight[: self.codebook_size]
         book = codebook.float()
+        book_sq = (book**2).sum(1) if flow_rows is not None else None
         preds: list[Tensor] = []
         confs: list[Tensor] = []
         softs: list[Tensor] = []
@@ -129,7 +131,7 @@ class MaskedDecoding:
                 logits = self.head(part, table, work if part.dtype == torch.float32 else None)  # else a new block
                 logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp)
             if flow_rows is not None:
-                logp = self._with_flow_prior(logp, flow_rows[rows], book)
+                logp = self._with_flow_prior(logp, flow_rows[rows], book, book_sq)
             if self.sample_temp > 0:
                 pred = (logp / self.sample_temp + gumbel_noise(logp.shape, logp.device, generator)).argmax(1)
             else:

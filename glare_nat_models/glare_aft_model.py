@@ -58,7 +58,9 @@ def init_mf_decoder(mf: nn.Module, vq: nn.Module, mode: str) -> None:
     bad = [k for k, t in pairs.items() if t not in target or target[t].shape != source[k].shape]
     if bad:
         raise ValueError(f"train.mf_init = 'nl_decoder': D_MF has no same-shaped counterpart of VQGAN decoder {bad}")
-    mf.load_state_dict({t: source[k] for k, t in pairs.items()}, strict=False)
+    with torch.no_grad():  # the listed tensors only; D_MF's fusion layers and unused tensors keep their values
+        for k, t in pairs.items():
+            target[t].copy_(source[k])
     get_root_logger().info(f"D_MF initialised from the VQGAN decoder ({len(pairs)} tensors, train.mf_init).")
 
 

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def write_options(smoke: bool, gen: Path) -> dict[str, Path]:
 
     for src in sorted((ROOT / OPT).glob("*.yml")):
         key = src.stem
-        seeded = "nat" in key
+        seeded = "nat" in key  # the NAT trainings and every test that reads a NAT checkpoint: one file per seed
         if not seeded:
             if smoke:
                 put(key, _smoke(_load(src.relative_to(ROOT))))
@@ -138,7 +139,7 @@ def write_options(smoke: bool, gen: Path) -> dict[str, Path]:
             for variant, (keys, (group, knob, value)) in VARIANTS.items():
                 if seed != SEEDS[0] or key not in keys:
                     continue
-                var = yaml.safe_load(yaml.safe_dump(opt))
+                var = deepcopy(opt)
                 var["name"] = var["name"].replace("_nat_", f"_nat_{variant}_")
                 var["network_g"]["nat2"].setdefault(group, {})[knob] = value
                 if "train_stage2_nat" in keys:  # a training of its own: read its checkpoint
