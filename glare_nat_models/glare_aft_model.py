@@ -36,12 +36,10 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import nn
 
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
+from glare_nat_models.checkpoint import STAGE2_PREFIXES
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 
 __all__ = ["GLAREAFTModel", "STAGE2_PREFIXES", "init_mf_decoder"]
-
-#: Parts of ``GLARENet`` that a Stage-II checkpoint provides (and that Stage III keeps frozen).
-STAGE2_PREFIXES = ("RRDB.", "flowUpsamplerNet.")
 
 
 def init_mf_decoder(mf: nn.Module, vq: nn.Module, mode: str) -> None:
