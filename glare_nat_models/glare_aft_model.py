@@ -39,7 +39,7 @@ from glare_nat_models.base_model import GLAREBaseModel, image_loss
 from glare_nat_models.checkpoint import STAGE2_PREFIXES
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 
-__all__ = ["GLAREAFTModel", "STAGE2_PREFIXES", "init_mf_decoder"]
+__all__ = ["GLAREAFTModel", "init_mf_decoder"]
 
 
 def init_mf_decoder(mf: nn.Module, vq: nn.Module, mode: str) -> None:

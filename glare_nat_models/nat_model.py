@@ -61,7 +61,8 @@ from glare_nat_arch.nat_options import NAT2TrainOptions, NAT3TrainOptions, parse
 from glare_nat_arch.nat_uncertainty import sample_train_mask
 from glare_nat_arch.padding import pad_to_multiple
 from glare_nat_models.base_model import GLAREBaseModel, image_loss
-from glare_nat_models.glare_aft_model import STAGE2_PREFIXES, GLAREAFTModel, init_mf_decoder
+from glare_nat_models.checkpoint import STAGE2_PREFIXES
+from glare_nat_models.glare_aft_model import GLAREAFTModel, init_mf_decoder
 from glare_nat_models.glare_flow_model import setup_frozen_vqgan
 from glare_nat_models.nat_stats import NATValStats, write_nat_stats
 

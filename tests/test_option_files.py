@@ -23,10 +23,10 @@ from basicsr.archs import build_network
 from basicsr.utils.options import ordered_yaml
 
 import glare_nat_models.base_model as base_mod
+from glare_nat_models.checkpoint import STAGE2_PREFIXES
 
 DATA = Path(__file__).parent / "data"
 OPTION_FILES = sorted(p.name for p in DATA.glob("tiny_*.yml"))
-STAGE2_PREFIXES = ("RRDB.", "flowUpsamplerNet.")
 
 
 def write_lol_tree(root: Path, n_train: int = 3, n_test: int = 2, size: int = 32) -> None:
