@@ -102,7 +102,7 @@ class LatentNAT(MaskedDecoding, nn.Module):
         self.gammas = mask_schedule(self.schedule, self.iters)
         self.conf, self.sample_temp, self.choice_temp = d.conf, d.sample_temp, d.choice_temp
         self.remask_scope, self.remask_rule = d.remask_scope, d.remask_rule
-        self.flow_prior = d.flow_prior
+        self.flow_prior, self.order = d.flow_prior, d.order
         self.knn, self.uncertainty_source, self.rho_max = u.knn, u.source, u.rho_max
         self.rho_target = u.rho_target
         self.feedback = self.options.feedback.mode

@@ -26,6 +26,7 @@ from torch import Tensor
 from glare_nat_arch.nat_uncertainty import (
     CodeUncertainty,
     gumbel_noise,
+    halton_rank,
     initial_mask,
     normalized_entropy,
     still_masked_counts,
@@ -286,7 +287,8 @@ class MaskedDecoding:
         generator: torch.Generator | None,
     ) -> Tensor:
         """``M_t`` (bool ``B x N``) from the ``N_q`` query rows' confidence ``conf`` (plus the annealed Gumbel
-        noise ``choice_temp (1 - t/T)``) or NAT entropy ``ent_q`` (``remask_rule='threshold'``)."""
+        noise ``choice_temp (1 - t/T)``), their Halton rank (``order='halton'``: the confidence is ignored) or NAT
+        entropy ``ent_q`` (``remask_rule='threshold'``)."""
         if self.choice_temp > 0:  # drawn under either rule, so that the generator advances alike
             conf = conf + self.choice_temp * (1.0 - t / self.iters) * gumbel_noise(conf.shape, conf.device, generator)
         if self.remask_rule == "threshold":  # M_t = {i in M_(t-1): H_NAT(i) > tau}, M_T empty (query = mask here)
@@ -296,6 +298,10 @@ class MaskedDecoding:
             return new_mask
         n_t = still_masked_counts(state.n0, state.mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
         scores = torch.full(state.mask.shape, float("inf"), device=conf.device)
+        if self.order == "halton":  # commit the earliest Halton positions: the latest stay masked
+            _, h, w = state.shape
+            rank = halton_rank(h, w, conf.device).to(conf.dtype)
+            conf = -rank.expand(state.mask.shape)[query]
         scores[query] = conf
         return topk_mask(scores, n_t, largest=False)
 

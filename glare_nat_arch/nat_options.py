@@ -165,6 +165,12 @@ class NAT2Decode:
         "schedule", "`threshold`: stay masked while the NAT's entropy exceeds `tau`", choices=("schedule", "threshold")
     )
     remask_scope: str = knob("new_only", "`all`: any token may be masked again", choices=("new_only", "all"))
+    order: str = knob(
+        "confidence",
+        "which masked tokens commit first: the most `confidence`-t (MaskGIT) or a fixed, spatially spread `halton` "
+        "order",
+        choices=("confidence", "halton"),
+    )
     early_stop: int | None = knob(
         None, "stop after this round, committing everything (`~` = run all `T`)", _OPT_INT, low=1
     )
@@ -216,6 +222,11 @@ class NAT2Options:
             out.append(f"{where}.decode.schedule needs {d.iters - 1} ratios for iters = {d.iters}, got {d.schedule}")
         if d.remask_rule == "threshold" and d.remask_scope != "new_only":
             out.append(f"{where}.decode.remask_rule = 'threshold' needs {where}.decode.remask_scope = 'new_only'")
+        if d.order == "halton" and (d.remask_rule != "schedule" or d.remask_scope != "new_only"):
+            out.append(
+                f"{where}.decode.order = 'halton' needs {where}.decode.remask_rule = 'schedule' and "
+                f"{where}.decode.remask_scope = 'new_only' (a fixed order neither thresholds nor revises)"
+            )
         return out
 
 

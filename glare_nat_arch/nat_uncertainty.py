@@ -8,6 +8,7 @@ Everything works on plain tensors (no BasicSR import):
   uncertainty score that masks (the entropy, or a margin score: ``uncertainty.source``).
 * :func:`initial_mask` - ``M0 = [H > tau]`` capped at the ``rho_max * N`` highest-entropy positions.
 * :func:`mask_schedule` - ``gamma(t/T)`` for ``t = 1..T`` (fraction of ``N0`` still masked).
+* :func:`halton_rank` - the rank of each grid position in a 2-D Halton visiting order (``decode.order: halton``).
 * :func:`calibrate_dist_temp`, :func:`calibrate_tau` - ``T_d`` = median 2nd-1st gap, ``tau`` = quantile.
 * :func:`sample_train_mask` - training mask, top-``m`` of ``beta * H + Gumbel``.
 * :func:`topk_mask` - per-sample top-``count`` selection shared by all of the above.
@@ -41,6 +42,7 @@ __all__ = [
     "topk_mask",
     "initial_mask",
     "mask_schedule",
+    "halton_rank",
     "still_masked_counts",
     "gumbel_noise",
     "quantile",
@@ -270,6 +272,35 @@ def mask_schedule(schedule: str | Sequence[float], iters: int) -> list[float]:
         if any(not 0.0 <= v <= 1.0 for v in vals):
             raise ValueError(f"schedule ratios must lie in [0, 1], got {schedule}")
     return [min(1.0, max(0.0, v)) for v in vals] + [0.0]
+
+
+def _radical_inverse(i: Tensor, base: int) -> tuple[Tensor, int]:
+    """Van der Corput radical inverse ``phi_base(i) = num / den`` of the non-negative integers ``i``, exactly (integer
+    numerators, one denominator ``base^D``); the loop runs over the ``D`` digits, each step over all of ``i``."""
+    num, den, i = torch.zeros_like(i), 1, i.clone()
+    while bool((i > 0).any()):
+        num = num * base + i % base
+        i = torch.div(i, base, rounding_mode="floor")
+        den *= base
+    return num, den
+
+
+def halton_rank(h: int, w: int, device: torch.device | str = "cpu", oversample: int = 8) -> Tensor:
+    """Rank of every position of an ``h x w`` grid (row-major, ``h w`` long ids) in a 2-D Halton visiting order.
+
+    The Halton points ``(phi_2(i), phi_3(i))``, ``i = 0, 1, ...`` (column, row) fall into grid cells; a cell's rank
+    is the order of its first visit. The first ``2^a 3^b`` points put one point in each cell of a ``2^a x 3^b``
+    division of the image, so every prefix of the order is spread evenly over it (a confidence order clusters).
+    ``oversample * h w`` points are drawn; cells they miss (rare) follow in row-major order. Deterministic: the same
+    ``(h, w)`` always gives the same ranks.
+    """
+    n = h * w
+    i = torch.arange(oversample * n, dtype=torch.long)
+    (num2, den2), (num3, den3) = _radical_inverse(i, 2), _radical_inverse(i, 3)
+    col, row = torch.div(num2 * w, den2, rounding_mode="floor"), torch.div(num3 * h, den3, rounding_mode="floor")
+    first = torch.full((n,), oversample * n, dtype=torch.long) + torch.arange(n)  # unvisited: after all visits
+    first.scatter_reduce_(0, row * w + col, i, reduce="amin")
+    return first.argsort().argsort().to(device)
 
 
 def still_masked_counts(n0: Tensor, n_prev: Tensor, gamma: float) -> Tensor:

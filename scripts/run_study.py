@@ -62,14 +62,22 @@ MECHANISMS = [
         ("train_stage2_nat_s{s}",),
         "network_g.nat2.decode.flow_prior=" + ",".join(f"{x:g}" for x in (0.0, *FLOW_PRIORS)),
     ),
+    (
+        "mech_halton",
+        "test_stage2_nat_s{s}",
+        ("train_stage2_nat_s{s}",),
+        "network_g.nat2.decode.order=confidence,halton",
+    ),
 ]
 #: Variants of the NAT-II option files of seed SEEDS[0]: name -> (option files, (group, key, value) under
 #: network_g.nat2). ``hidden``: [MASK] hides the flow latent at masked positions (the refiner sees only the
 #: conditioning there), one more training against the default that shows it the flow latent; ``prior<x>``: the
-#: flow's code distribution with weight x in the prediction (decode.flow_prior), the seed's own checkpoint.
+#: flow's code distribution with weight x in the prediction (decode.flow_prior), the seed's own checkpoint;
+#: ``halton``: the Halton commit order (decode.order), the seed's own checkpoint.
 VARIANTS = {
     "hidden": (("train_stage2_nat", "test_stage2_nat"), ("model", "mask_hides_latent", True)),
     **{f"prior{x:g}": (("test_stage2_nat",), ("decode", "flow_prior", x)) for x in FLOW_PRIORS},
+    "halton": (("test_stage2_nat",), ("decode", "order", "halton")),
 }
 
 
@@ -210,6 +218,7 @@ def build_jobs(files: dict[str, Path]) -> list[Job]:
     hidden = f"stage2_nat_hidden_s{s}"
     jobs += [test(f"test_{hidden}", (f"train_{hidden}",)), bench(hidden, f"test_{hidden}", (f"train_{hidden}",))]
     jobs += [test(f"test_stage2_nat_prior{x:g}_s{s}", (f"train_stage2_nat_s{s}",)) for x in FLOW_PRIORS]
+    jobs.append(test(f"test_stage2_nat_halton_s{s}", (f"train_stage2_nat_s{s}",)))
     return jobs
 
 

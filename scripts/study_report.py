@@ -157,6 +157,9 @@ MECHANISM_NOTES = {
     "`all` = every round re-predicts every token and the least confident go back under [MASK]); stage II + latent NAT",
     "mech_flow_prior": "the flow's code distribution as a prior in the prediction (`decode.flow_prior` = lambda: "
     "the NAT picks `argmax log p_NAT + lambda log p_flow`; 0 = the NAT alone); stage II + latent NAT",
+    "mech_halton": "the order in which masked tokens are committed (`decode.order`: `confidence` = the most confident "
+    "first, as MaskGIT; `halton` = a fixed 2-D Halton order that spreads each round's commits over the image); "
+    "stage II + latent NAT",
     "mech_soft_codes": "decoding through the soft codes (`feedback.mode`: `hard` = D_MF gets the chosen codes, "
     "`soft` = the expected code under the NAT's distribution at masked positions); GLARE + both NATs, trained hard",
 }
@@ -169,7 +172,7 @@ def mechanisms(out: Path, stats: dict, seeds: tuple[int, ...]) -> list[str]:
         if not (out / folder / "results.json").is_file():
             continue
         lines += [f"{note}:", "", *sweep(out, folder, "setting"), ""]
-    lines += flow_prior_accuracy(out, stats, seeds[0])
+    lines += decode_variant_accuracy(out, stats, seeds[0])
     hidden = ROOT / "results" / f"study_test_stage2_nat_hidden_s{seeds[0]}" / "nat_val_stats_latest.json"
     if hidden.is_file() and (out / f"stage2_nat_hidden_s{seeds[0]}" / "results.json").is_file():
         h = json.loads(hidden.read_text())
@@ -192,26 +195,28 @@ def mechanisms(out: Path, stats: dict, seeds: tuple[int, ...]) -> list[str]:
     return lines
 
 
-def flow_prior_accuracy(out: Path, stats: dict, seed: int) -> list[str]:
-    """Masked-token accuracy and PSNR of stage II + latent NAT per ``decode.flow_prior`` (seed ``seed``)."""
+def decode_variant_accuracy(out: Path, stats: dict, seed: int) -> list[str]:
+    """Masked-token accuracy and PSNR of stage II + latent NAT per decoding variant (``decode.flow_prior`` values,
+    ``decode.order: halton``) of NAT-II seed ``seed``."""
     from run_study import FLOW_PRIORS
 
-    found = {0.0: stats[seed]}
-    for x in FLOW_PRIORS:
-        path = ROOT / "results" / f"study_test_stage2_nat_prior{x:g}_s{seed}" / "nat_val_stats_latest.json"
+    found = {"flow_prior 0 (the option files)": stats[seed]}
+    named = {f"prior{x:g}": f"flow_prior {x:g}" for x in FLOW_PRIORS} | {"halton": "order halton"}
+    for variant, label in named.items():
+        path = ROOT / "results" / f"study_test_stage2_nat_{variant}_s{seed}" / "nat_val_stats_latest.json"
         if path.is_file():
-            found[x] = json.loads(path.read_text())
+            found[label] = json.loads(path.read_text())
     if len(found) == 1:
         return []
     lines = [
-        f"Token statistics per `flow_prior` (NAT-II seed {seed}, test photos; decoded by the VQGAN decoder):",
+        f"Token statistics per decoding variant (NAT-II seed {seed}, test photos; decoded by the VQGAN decoder):",
         "",
-        "| flow_prior | PSNR, NAT's codes | masked-token accuracy NAT | flow | AUROC |",
+        "| decoding | PSNR, NAT's codes | masked-token accuracy NAT | flow | AUROC |",
         "|---|---|---|---|---|",
     ]
-    for x, st in found.items():
+    for label, st in found.items():
         lines.append(
-            f"| {x:g} | {st['psnr_nat']:.2f} | {st['acc_nat_masked']:.4f} | {st['acc_flow_masked']:.4f} | "
+            f"| {label} | {st['psnr_nat']:.2f} | {st['acc_nat_masked']:.4f} | {st['acc_flow_masked']:.4f} | "
             f"{st['auroc_score']:.4f} |"
         )
     return [*lines, ""]

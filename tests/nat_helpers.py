@@ -19,7 +19,7 @@ NAT2_KEYS = {
     **{k: ("uncertainty", k) for k in ("knn", "dist_temp", "tau", "rho_max", "rho_target")},
     "uncertainty_source": ("uncertainty", "source"),
     **{k: ("decode", k) for k in ("iters", "schedule", "conf", "sample_temp", "choice_temp", "early_stop")},
-    **{k: ("decode", k) for k in ("remask_rule", "remask_scope", "flow_prior")},
+    **{k: ("decode", k) for k in ("remask_rule", "remask_scope", "flow_prior", "order")},
     "feedback": ("feedback", "mode"),
 }
 

@@ -59,7 +59,7 @@ nat3:
 
 
 #: knobs beyond the spec, with the default that gives the spec's behaviour
-EXTENSIONS = {"nat2.decode.flow_prior": 0.0}
+EXTENSIONS = {"nat2.decode.flow_prior": 0.0, "nat2.decode.order": "confidence"}
 
 
 # ------------------------------------------------------------------------------------------------- knobs / options
