@@ -167,8 +167,8 @@ class NAT2Decode:
     remask_scope: str = knob("new_only", "`all`: any token may be masked again", choices=("new_only", "all"))
     order: str = knob(
         "confidence",
-        "which masked tokens commit first: the most `confidence`-t (MaskGIT) or a fixed, spatially spread `halton` "
-        "order",
+        "which masked tokens commit first: `confidence` (the most confident, MaskGIT) or `halton` (a fixed order "
+        "spread over the grid)",
         choices=("confidence", "halton"),
     )
     early_stop: int | None = knob(
