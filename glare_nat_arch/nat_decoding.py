@@ -44,7 +44,8 @@ class DecodeState:
     ``v``: current ids (``K`` = ``[MASK]``); ``mask``: positions still masked; ``union``: ever masked; ``soft``:
     ``B x N x code_dim`` expected codes of the committing distributions (None unless wanted); ``commit_ent``: the
     normalised entropy of each committing distribution (None without statistics); ``flow``: ``B x N x code_dim``
-    flow latents for ``decode.flow_prior`` (None when it is 0); ``masks`` / ``tokens``: the ``B x h x w`` mask and
+    flow latents for ``decode.flow_prior`` (None when it is 0); ``rank``: the ``N`` Halton ranks of the positions
+    for ``decode.order: halton`` (None for the confidence order); ``masks`` / ``tokens``: the ``B x h x w`` mask and
     ids after every executed round; ``rounds``: forward passes run.
     """
 
@@ -56,6 +57,7 @@ class DecodeState:
     soft: Tensor | None
     commit_ent: Tensor | None
     flow: Tensor | None = None
+    rank: Tensor | None = None
     masks: list[Tensor] = field(default_factory=list)
     tokens: list[Tensor] = field(default_factory=list)
     rounds: int = 0
@@ -236,6 +238,7 @@ class MaskedDecoding:
             soft=soft,
             commit_ent=unc.score.reshape(b, h * w).clone() if stats else None,
             flow=x_hat.flatten(2).transpose(1, 2) if self.flow_prior > 0 else None,
+            rank=halton_rank(h, w, x_hat.device) if self.order == "halton" else None,
         )
         return state, unc
 
@@ -298,10 +301,8 @@ class MaskedDecoding:
             return new_mask
         n_t = still_masked_counts(state.n0, state.mask.sum(1), 0.0 if t == t_exec else self.gammas[t - 1])
         scores = torch.full(state.mask.shape, float("inf"), device=conf.device)
-        if self.order == "halton":  # commit the earliest Halton positions: the latest stay masked
-            _, h, w = state.shape
-            rank = halton_rank(h, w, conf.device).to(conf.dtype)
-            conf = -rank.expand(state.mask.shape)[query]
+        if state.rank is not None:  # decode.order: halton - the earliest Halton positions commit, the latest stay
+            conf = -state.rank.to(conf.dtype).expand(state.mask.shape)[query]
         scores[query] = conf
         return topk_mask(scores, n_t, largest=False)
 

@@ -7,6 +7,7 @@ test photos out of the training crops.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ def test_seeded_option_files_are_apart(study):
     assert hidden["network_g"]["nat2"]["model"]["mask_hides_latent"] is True
     default = _opt(files, f"train_stage2_nat_s{run_study.SEEDS[0]}")
     assert default["network_g"]["nat2"]["model"]["mask_hides_latent"] is False
+    for variant, (keys, (group, knob, value)) in run_study.VARIANTS.items():  # each variant: its one knob set
+        for key in keys:
+            opt = _opt(files, f"{key}_{variant}_s{run_study.SEEDS[0]}")
+            assert opt["network_g"]["nat2"][group][knob] == value, (variant, key)
+            assert variant in opt["name"]
 
 
 def test_every_checkpoint_read_is_written_by_a_dependency(study):
@@ -92,3 +98,24 @@ def test_study_data_holds_the_test_photos_out(tmp_path):
     assert len(list((tmp_path / "a" / "our485" / "low").glob("*.png"))) == 6
     for p in sorted((tmp_path / "a").rglob("*.png")):  # deterministic: the same bytes twice
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes(), p
+
+
+def test_report_lists_the_token_statistics_of_every_decoding_variant(tmp_path, monkeypatch):
+    import study_report
+
+    def stats(psnr: float) -> dict:
+        return {"psnr_nat": psnr, "acc_nat_masked": 0.08, "acc_flow_masked": 0.04, "auroc_score": 0.66}
+
+    monkeypatch.setattr(study_report, "ROOT", tmp_path)
+    seed = run_study.SEEDS[0]
+    assert study_report.decode_variant_accuracy(tmp_path, {seed: stats(17.0)}, seed) == []  # no variant measured
+    for variant, psnr in (("prior0.5", 17.2), ("halton", 16.9)):
+        folder = tmp_path / "results" / f"study_test_stage2_nat_{variant}_s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "nat_val_stats_latest.json").write_text(json.dumps(stats(psnr)))
+    rows = [r for r in study_report.decode_variant_accuracy(tmp_path, {seed: stats(17.0)}, seed) if r.startswith("| ")]
+    assert rows[1:] == [  # after the header
+        "| flow_prior 0 (the option files) | 17.00 | 0.0800 | 0.0400 | 0.6600 |",
+        "| flow_prior 0.5 | 17.20 | 0.0800 | 0.0400 | 0.6600 |",
+        "| order halton | 16.90 | 0.0800 | 0.0400 | 0.6600 |",
+    ]
